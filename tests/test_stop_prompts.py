@@ -1,0 +1,251 @@
+"""Tests for the STOP prompt generators (modules/stop_prompts.py, DESIGN 2.6)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from modules.stop_prompts import (
+    SpatialPromptGenerator,
+    TemporalPromptGenerator,
+    minmax_normalize_frames,
+    parse_spatial_prompt,
+    parse_temporal_prompt,
+    straight_through_topk_mask,
+)
+
+
+def _macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass (FLOPs / 2)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops() // 2
+
+
+@pytest.fixture(scope="module")
+def temporal() -> TemporalPromptGenerator:
+    torch.manual_seed(0)
+    return TemporalPromptGenerator().eval()
+
+
+@pytest.fixture()
+def spatial_trained() -> SpatialPromptGenerator:
+    """A spatial generator whose zero-initialised output layer has been perturbed."""
+    torch.manual_seed(1)
+    gen = SpatialPromptGenerator()
+    with torch.no_grad():
+        gen.out_proj.weight.normal_(std=0.05)
+        gen.out_proj.bias.normal_(std=0.05)
+    return gen
+
+
+# --------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------
+def test_parse_helpers() -> None:
+    assert parse_temporal_prompt("group2-2") is True
+    assert parse_temporal_prompt("none") is False
+    assert parse_temporal_prompt(None) is False
+    assert parse_spatial_prompt("patch") is True
+    assert parse_spatial_prompt("none") is False
+    with pytest.raises(ValueError, match="group9"):
+        parse_temporal_prompt("group9")
+    with pytest.raises(ValueError, match="pixel"):
+        parse_spatial_prompt("pixel")
+
+
+def test_minmax_per_row_and_constant_guard() -> None:
+    w = torch.tensor([[1.0, 3.0, 2.0], [10.0, 10.0, 10.0], [-5.0, 5.0, 0.0]], requires_grad=True)
+    out = minmax_normalize_frames(w)
+    torch.testing.assert_close(
+        out, torch.tensor([[0.0, 1.0, 0.5], [0.0, 0.0, 0.0], [0.0, 1.0, 0.5]])
+    )
+    out.sum().backward()
+    assert torch.isfinite(w.grad).all()
+
+
+def test_straight_through_mask_forward_exact_and_gradient() -> None:
+    torch.manual_seed(0)
+    scores = torch.randn(4, 5, 49, requires_grad=True)
+    mask = straight_through_topk_mask(scores, 6)
+    assert set(mask.detach().unique().tolist()) <= {0.0, 1.0}
+    assert (mask.detach().sum(-1) == 6).all()
+    top = scores.detach().topk(6, dim=-1).indices
+    assert (mask.detach().gather(-1, top) == 1).all()
+    (mask * torch.randn_like(mask)).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------------------
+# temporal
+# --------------------------------------------------------------------------------------
+def test_temporal_shapes(temporal: TemporalPromptGenerator) -> None:
+    x = torch.randn(2, 12, 49, 768)
+    with torch.no_grad():
+        dyn, w = temporal(x, return_weights=True)
+        assert dyn.shape == (2, 12, 4, 768)
+        assert w.shape == (2, 12)
+        for layer in (0, 11):
+            assert temporal.layer_prompts(dyn, layer).shape == (2, 12, 4, 768)
+        torch.testing.assert_close(
+            temporal.layer_prompts(dyn, 3), temporal.base_prompts[3] + dyn
+        )
+    with pytest.raises(IndexError):
+        temporal.layer_prompts(dyn, 12)
+    with pytest.raises(ValueError):
+        temporal(torch.randn(1, 12, 50, 768))
+
+
+def test_temporal_batch_independence(temporal: TemporalPromptGenerator) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(3, 12, 49, 768)
+    with torch.no_grad():
+        batch, w_batch = temporal(x, return_weights=True)
+        alone, w_alone = temporal(x[1:2], return_weights=True)
+        # Changing the other videos must not move video 1 either.
+        x2 = x.clone()
+        x2[0] *= 5.0
+        x2[2] = torch.randn(12, 49, 768)
+        other = temporal(x2)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(w_batch[1:2], w_alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(other[1:2], alone, atol=1e-5, rtol=0)
+
+
+def test_temporal_frame_weight_minmax_per_video(temporal: TemporalPromptGenerator) -> None:
+    torch.manual_seed(3)
+    x = torch.randn(3, 12, 49, 768)
+    x[2] *= 10.0  # a video on a very different scale must not squash the others
+    with torch.no_grad():
+        _, w = temporal(x, return_weights=True)
+    assert (w >= 0).all() and (w <= 1).all()
+    torch.testing.assert_close(w.amin(dim=1), torch.zeros(3))
+    torch.testing.assert_close(w.amax(dim=1), torch.ones(3))
+    # Identical frames: no spread, weights guarded to 0 (no NaN). A single frame too.
+    same = torch.randn(1, 1, 49, 768).expand(1, 12, 49, 768).contiguous()
+    with torch.no_grad():
+        _, w_same = temporal(same, return_weights=True)
+        dyn_one, w_one = temporal(torch.randn(1, 1, 49, 768), return_weights=True)
+    assert torch.isfinite(w_same).all() and torch.isfinite(dyn_one).all()
+    assert (w_one == 0).all()
+
+
+def test_temporal_parameter_init() -> None:
+    torch.manual_seed(4)
+    gen = TemporalPromptGenerator(width=768, num_prompts=4, num_layers=12, prompt_dim=96)
+    assert gen.base_prompts.shape == (12, 4, 768)
+    assert abs(gen.base_prompts.std().item() - 0.02) < 0.001
+    assert abs(gen.base_prompts.mean().item()) < 0.001
+    assert gen.prompt_log_size_gate.shape == (12,)
+    assert (gen.prompt_log_size_gate == -4.0).all()
+    assert gen.in_proj.out_features == 96 and gen.out_proj.in_features == 96
+
+
+def test_temporal_saliency_changes_frame_weight(temporal: TemporalPromptGenerator) -> None:
+    torch.manual_seed(5)
+    x = torch.randn(1, 12, 49, 768)
+    sal = (torch.rand(1, 12, 49) > 0.8).float()
+    with torch.no_grad():
+        _, w0 = temporal(x, return_weights=True)
+        _, w1 = temporal(x, saliency=sal, return_weights=True)
+    assert not torch.allclose(w0, w1)
+
+
+def test_temporal_gradients_reach_every_parameter() -> None:
+    torch.manual_seed(6)
+    gen = TemporalPromptGenerator()
+    x = torch.randn(2, 12, 49, 768)
+    dyn = gen(x)
+    loss = sum(
+        (gen.layer_prompts(dyn, layer) * torch.randn_like(dyn)).sum()
+        for layer in range(gen.num_layers)
+    )
+    loss.backward()
+    for name, p in gen.named_parameters():
+        if name == "prompt_log_size_gate":
+            # Consumed by the encoder's attention bias, not by the generator itself.
+            assert p.grad is None
+            continue
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_temporal_macs(temporal: TemporalPromptGenerator) -> None:
+    macs = _macs(temporal, torch.randn(1, 12, 49, 768))
+    print(f"\ntemporal prompt generator: {macs / 1e9:.3f} GMAC per 12-frame video")
+    assert 0.5e9 < macs < 1.5e9  # well under the 2 GMAC target; the attention is counted
+
+
+# --------------------------------------------------------------------------------------
+# spatial
+# --------------------------------------------------------------------------------------
+def test_spatial_identity_when_untrained() -> None:
+    torch.manual_seed(7)
+    gen = SpatialPromptGenerator()
+    x = torch.randn(2, 32, 49, 768)
+    out, mask = gen(x, return_mask=True)
+    assert torch.equal(out, x)
+    assert mask.shape == (2, 32, 49)
+    assert (mask.detach().sum(-1) == 6).all()
+
+
+def test_spatial_zero_init_blocks_gradients_at_step0() -> None:
+    # DESIGN 6: the zero output layer gives everything before it an exactly zero gradient.
+    torch.manual_seed(8)
+    gen = SpatialPromptGenerator()
+    out = gen(torch.randn(1, 4, 49, 768))
+    (out * torch.randn_like(out)).sum().backward()
+    assert gen.out_proj.weight.grad.abs().sum() > 0
+    assert gen.scorer.weight.grad.abs().sum() == 0
+    assert gen.in_proj.weight.grad.abs().sum() == 0
+
+
+def test_spatial_top_eta_cells_doubled(spatial_trained: SpatialPromptGenerator) -> None:
+    torch.manual_seed(9)
+    x = torch.randn(2, 32, 49, 768)
+    with torch.no_grad():
+        out, mask = spatial_trained(x, return_mask=True)
+        spatial_trained.eta = 0  # no salient cells: out = x + scale * p
+        plain, mask0 = spatial_trained(x, return_mask=True)
+        spatial_trained.eta = 6
+    assert (mask0 == 0).all()
+    assert set(mask.unique().tolist()) == {0.0, 1.0}
+    assert (mask.sum(-1) == 6).all()
+    delta, delta0 = out - x, plain - x
+    assert delta0.abs().amax() > 0
+    sel = mask.bool()
+    torch.testing.assert_close(delta[sel], 2 * delta0[sel], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta[~sel], delta0[~sel], atol=1e-6, rtol=1e-5)
+
+
+def test_spatial_gradients(spatial_trained: SpatialPromptGenerator) -> None:
+    x = torch.randn(2, 8, 49, 768)
+    out = spatial_trained(x)
+    (out * torch.randn_like(out)).sum().backward()
+    assert spatial_trained.scorer.weight.grad.abs().sum() > 0
+    assert spatial_trained.scorer.bias.grad.abs().sum() > 0
+    for name, p in spatial_trained.named_parameters():
+        assert p.grad is not None, name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_spatial_batch_independence(spatial_trained: SpatialPromptGenerator) -> None:
+    torch.manual_seed(10)
+    x = torch.randn(3, 32, 49, 768)
+    with torch.no_grad():
+        batch, mask_b = spatial_trained(x, return_mask=True)
+        alone, mask_a = spatial_trained(x[1:2], return_mask=True)
+    torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
+    assert torch.equal(mask_b[1:2], mask_a)
+
+
+def test_spatial_shape_check() -> None:
+    with pytest.raises(ValueError):
+        SpatialPromptGenerator()(torch.randn(1, 2, 50, 768))
+
+
+def test_spatial_macs(spatial_trained: SpatialPromptGenerator) -> None:
+    macs = _macs(spatial_trained, torch.randn(1, 32, 49, 768))
+    print(f"\nspatial prompt generator: {macs / 1e9:.3f} GMAC per 32-frame video")
+    assert 0.05e9 < macs < 0.5e9  # well under the 1 GMAC target

@@ -1,0 +1,441 @@
+"""The unified TempMe-STOP video-text model (DESIGN.md sections 1-4).
+
+frames (B, N, 3, H, W)
+  -> CLIP patch embedding (frozen)                 tokens (B, N, 50, 768)
+  -> STOP spatial prompt                           tokens (B, N, 50, 768)
+  -> TempMe frame compression N -> F               tokens (B, F, 50, 768), sizes, groups
+  -> STOP temporal prompts + TempMe encoder        frame CLS (B, F, 768)
+  -> ln_post, proj                                 frame features (B, F, 512)
+  -> meanP / seqTransf head                        video embedding (B, 512), unit norm
+
+Library entry point: :func:`create_unified_model`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import ConfigError, UnifiedModelConfig, from_dict, from_json
+from modules.frame_compression import compress_frames
+from modules.heads import build_head
+from modules.lora import LoRAQKV, merge_lora_weights
+from modules.module_clip import build_model, load_or_random
+from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
+from modules.tempme_encoder import MergeSchedule, PromptInputs, TempMeEncoder
+from modules.tokenization_clip import tokenize_for_model
+from modules.video_sampler import SampledVideo, sample_video
+
+__all__ = [
+    "UnifiedTempMeSTOPModel",
+    "VideoFeatures",
+    "FrameHit",
+    "CheckpointError",
+    "create_unified_model",
+    "resolve_device",
+    "CHECKPOINT_FORMAT_VERSION",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+# Which top-level submodules hold each trainable group (DESIGN.md section 6).
+TEMPME_MODULES = ("tempme", "text_lora")
+STOP_MODULES = ("temporal_prompts", "spatial_prompts", "head")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used with this model (one-line message)."""
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use --device auto or cpu)")
+    return device
+
+
+@dataclass
+class VideoFeatures:
+    """What :meth:`UnifiedTempMeSTOPModel.encode_videos` computes for a batch of B videos.
+
+    video_embeddings: (B, D) unit norm. frame_features: (B, F, D) unit norm, one per
+    compressed frame group. frame_sizes: (B, F) sampled frames in each group.
+    groups: per video, F lists of positions (0..N-1) in the sampled frame list.
+    representatives: (B, F) position of each group's representative sampled frame.
+    """
+
+    video_embeddings: torch.Tensor
+    frame_features: torch.Tensor
+    frame_sizes: torch.Tensor
+    groups: List[List[List[int]]]
+    representatives: torch.Tensor
+
+
+@dataclass
+class FrameHit:
+    """One retrieved frame group, in original-video coordinates."""
+
+    frame: int  # representative original frame number
+    score: float  # cosine similarity between the query and the group's frame feature
+    start_frame: int  # first original frame number sampled in the group
+    end_frame: int  # last original frame number sampled in the group
+    start_time: float  # seconds: start of the group's first sampling segment
+    end_time: float  # seconds: end of the group's last sampling segment
+    timestamp: float  # seconds: presentation time of ``frame``
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class UnifiedTempMeSTOPModel(nn.Module):
+    """CLIP ViT with TempMe merging + LoRA and STOP prompts, and a meanP/seqTransf head."""
+
+    def __init__(self, config: UnifiedModelConfig, clip_state_dict: Optional[Dict[str, torch.Tensor]] = None):
+        super().__init__()
+        self.config = config
+        if clip_state_dict is None:
+            clip_state_dict = load_or_random(config.clip_weights, base_name=config.tempme.base_encoder)
+        self.clip = build_model(clip_state_dict)
+        self.clip.requires_grad_(False)
+        visual = self.clip.visual
+        if visual.input_resolution != config.video_size:
+            raise ConfigError("video_size", f"{config.video_size} but the CLIP weights expect {visual.input_resolution}px frames")
+        width = visual.conv1.out_channels
+        depth = len(visual.transformer.resblocks)
+        grid = visual.grid_size
+        lora_dim = config.tempme.lora_dim
+        schedule = MergeSchedule.from_config(config.tempme)
+        try:
+            self.tempme = TempMeEncoder(width, depth, config.max_frames, schedule, lora_dim)
+        except ValueError as err:
+            raise ConfigError("tempme.merge_layer", str(err)) from None
+        text_width = self.clip.ln_final.weight.shape[0]
+        text_depth = len(self.clip.transformer.resblocks)
+        self.text_lora = (
+            nn.ModuleList(LoRAQKV(text_width, lora_dim) for _ in range(text_depth)) if lora_dim > 0 else None
+        )
+        stop = config.stop
+        self.temporal_prompts = (
+            TemporalPromptGenerator(width, stop.num_prompts, depth, stop.prompt_dim, num_patches=grid * grid)
+            if stop.temporal_prompt != "none" else None
+        )
+        self.spatial_prompts = (
+            SpatialPromptGenerator(width, grid=grid, eta=stop.spatial_eta) if stop.spatial_prompt != "none" else None
+        )
+        embed_dim = self.clip.text_projection.shape[1]
+        self.head = build_head(stop.sim_header, stop.cross_model, width=embed_dim)
+        if hasattr(self.head, "init_from_clip"):
+            self.head.init_from_clip(self.clip)
+        self.text_lora_merged = False
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.clip.visual.conv1.weight.device
+
+    @property
+    def embed_dim(self) -> int:
+        return self.clip.text_projection.shape[1]
+
+    def _autocast(self):
+        """Autocast for fp16/bf16 precision settings; fp32 runs as is."""
+        precision = self.config.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ video
+    def encode_videos(self, frames: torch.Tensor) -> VideoFeatures:
+        """frames: CLIP-normalised float (B, N, 3, H, W), N >= max_frames -> :class:`VideoFeatures`."""
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be (B, N, 3, H, W), got shape {tuple(frames.shape)}")
+        batch, num, _, _, _ = frames.shape
+        if num < self.config.max_frames:
+            raise ValueError(f"need at least max_frames={self.config.max_frames} frames per video, got {num}")
+        visual = self.clip.visual
+        frames = frames.to(self.device, dtype=visual.conv1.weight.dtype)
+        with self._autocast():
+            tokens = visual.embed(frames.flatten(0, 1))
+            tokens = tokens.reshape(batch, num, tokens.shape[1], tokens.shape[2])
+            if self.spatial_prompts is not None:
+                tokens = torch.cat([tokens[:, :, :1], self.spatial_prompts(tokens[:, :, 1:])], dim=2)
+            compressed = compress_frames(tokens, self.config.max_frames, num_protected=1)
+            prompts = None
+            if self.temporal_prompts is not None:
+                prompts = PromptInputs(
+                    dynamic=self.temporal_prompts(compressed.tokens[:, :, 1:]),
+                    base=self.temporal_prompts.base_prompts,
+                    log_size_gate=self.temporal_prompts.prompt_log_size_gate,
+                )
+            cls, _ = self.tempme(visual, compressed.tokens, compressed.sizes, prompts)
+            frame_features = visual.head(cls)  # (B, F, D)
+            video = self.head(frame_features, compressed.sizes)
+        return VideoFeatures(
+            video_embeddings=F.normalize(video.float(), dim=-1),
+            frame_features=F.normalize(frame_features.float(), dim=-1),
+            frame_sizes=compressed.sizes,
+            groups=compressed.groups,
+            representatives=compressed.representatives,
+        )
+
+    def sample(self, video_path: Union[str, os.PathLike], train: bool = False, rng=None) -> SampledVideo:
+        """Decode ``num_segments`` frames of a video as the model expects them."""
+        return sample_video(video_path, num_segments=self.config.num_segments, size=self.config.video_size, train=train, rng=rng)
+
+    @torch.no_grad()
+    def extract_video_embedding(self, video_path: Union[str, os.PathLike]) -> np.ndarray:
+        """One video file -> its embedding (D,) float32, unit norm."""
+        sampled = self.sample(video_path)
+        features = self.encode_videos(sampled.frames.unsqueeze(0))
+        return features.video_embeddings[0].cpu().numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------ text
+    def encode_text(self, texts: Union[str, Sequence[str]]) -> torch.Tensor:
+        """Texts -> (T, D) unit-norm embeddings (CLIP text tower with LoRA, max_words tokens)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        tokens = tokenize_for_model(list(texts), max_words=self.config.max_words).to(self.device)
+        with self._autocast():
+            features = self.encode_text_tokens(tokens)
+        return F.normalize(features.float(), dim=-1)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids (T, L) -> projected EOT features (T, D), not normalised."""
+        clip = self.clip
+        length = tokens.shape[1]
+        x = clip.token_embedding(tokens) + clip.positional_embedding[:length]
+        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
+        use_lora = self.text_lora is not None and not self.text_lora_merged
+        for layer, block in enumerate(clip.transformer.resblocks):
+            h = block.ln_1(x)
+            delta = self.text_lora[layer](h) if use_lora else None
+            x = x + block.attn(h, attn_mask=mask, qkv_delta=delta)
+            x = x + block.mlp(block.ln_2(x))
+        x = clip.ln_final(x)
+        eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return eot @ clip.text_projection
+
+    # ------------------------------------------------------------------ retrieval
+    @torch.no_grad()
+    def retrieve(self, video_path: Union[str, os.PathLike], query: str, top_k: Optional[int] = None) -> List[FrameHit]:
+        """Frame groups of ``video_path`` ranked by similarity to ``query``, best first.
+
+        ``top_k`` None returns every group; duplicates of the same original frame (short
+        videos repeat frames) are reported once, at their best rank.
+        """
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        sampled = self.sample(video_path)
+        features = self.encode_videos(sampled.frames.unsqueeze(0))
+        text = self.encode_text([query])[0]
+        scores = features.frame_features[0] @ text  # (F,)
+        return _rank_hits(scores.cpu(), features.groups[0], features.representatives[0].cpu(), sampled, top_k)
+
+    def forward(self, video_path: Union[str, os.PathLike], query: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (similarity_scores (K,), frame_indices (K,)): every distinct hit, best first."""
+        hits = self.retrieve(video_path, query)
+        scores = torch.tensor([h.score for h in hits], dtype=torch.float32)
+        frames = torch.tensor([h.frame for h in hits], dtype=torch.int64)
+        return scores, frames
+
+    def retrieve_event(self, video_path: Union[str, os.PathLike], query: str, top_k: Optional[int] = None) -> List[int]:
+        """Original frame numbers most relevant to ``query``, best first (``top_k`` default: config.top_k)."""
+        top_k = self.config.top_k if top_k is None else top_k
+        return [h.frame for h in self.retrieve(video_path, query, top_k)]
+
+    # ------------------------------------------------------------------ LoRA merge
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Fold vision and text LoRA into CLIP's qkv weights (inference only; same outputs)."""
+        self.tempme.merge_lora(self.clip.visual)
+        if self.text_lora is not None and not self.text_lora_merged:
+            merge_lora_weights((b.attn for b in self.clip.transformer.resblocks), self.text_lora)
+            self.text_lora_merged = True
+
+    @property
+    def lora_merged(self) -> bool:
+        return self.tempme.lora_merged or self.text_lora_merged
+
+    # ------------------------------------------------------------------ parameters
+    def named_group_parameters(self, group: str) -> Iterator[Tuple[str, nn.Parameter]]:
+        """Parameters of one group: "tempme", "stop" or "backbone" (the CLIP weights)."""
+        prefixes = {"tempme": TEMPME_MODULES, "stop": STOP_MODULES, "backbone": ("clip",)}[group]
+        for name, param in self.named_parameters():
+            if name.split(".", 1)[0] in prefixes:
+                yield name, param
+
+    def trainable_parameter_counts(self) -> Dict[str, Dict[str, int]]:
+        """Trainable parameter counts per group and component.
+
+        TempMe for ViT-B/32: vision LoRA 294,912 + text LoRA 196,608 + clip position
+        embeddings 16,128 = 507,648, as in the TempMe paper.
+        """
+        def count(module: Optional[nn.Module]) -> int:
+            return 0 if module is None else sum(p.numel() for p in module.parameters())
+
+        tempme = {
+            "vision_lora": count(self.tempme.lora),
+            "text_lora": count(self.text_lora),
+            "clip_position_embeddings": count(self.tempme.clip_pos),
+        }
+        tempme["total"] = sum(tempme.values())
+        stop = {
+            "temporal_prompts": count(self.temporal_prompts),
+            "spatial_prompts": count(self.spatial_prompts),
+            "head": count(self.head),
+        }
+        stop["total"] = sum(stop.values())
+        return {"tempme": tempme, "stop": stop, "backbone": {"total": count(self.clip)}}
+
+    def trainable_state_dict(self, include_backbone: bool = False) -> Dict[str, torch.Tensor]:
+        """Tensors a checkpoint stores: TempMe and STOP groups (+ CLIP under full fine-tuning)."""
+        groups = ("tempme", "stop", "backbone") if include_backbone else ("tempme", "stop")
+        return {name: p.detach().cpu().clone() for g in groups for name, p in self.named_group_parameters(g)}
+
+    def checkpoint_payload(self, include_backbone: bool = False) -> Dict[str, Any]:
+        """The model part of a checkpoint (DESIGN.md section 4)."""
+        if self.lora_merged:
+            raise CheckpointError("cannot save a checkpoint after merge_lora(): the adapters are folded into CLIP")
+        return {
+            "format_version": CHECKPOINT_FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "trainable": self.trainable_state_dict(include_backbone),
+            "includes_backbone": include_backbone,
+        }
+
+    def save_checkpoint(self, path: Union[str, os.PathLike], include_backbone: bool = False, extra: Optional[Dict[str, Any]] = None) -> None:
+        """Write the trainable tensors (+ ``extra``) atomically to ``path``."""
+        payload = self.checkpoint_payload(include_backbone)
+        if extra:
+            payload.update(extra)
+        atomic_torch_save(payload, path)
+
+    def load_trainable_state(self, state: Dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load tensors saved by :meth:`trainable_state_dict` (names and shapes must match)."""
+        own = dict(self.named_parameters())
+        unknown = sorted(set(state) - set(own))
+        if unknown:
+            raise CheckpointError(f"{source}: {len(unknown)} tensors this model does not have, e.g. {unknown[0]}")
+        missing = [n for g in ("tempme", "stop") for n, _ in self.named_group_parameters(g) if n not in state]
+        if missing:
+            raise CheckpointError(f"{source}: missing {len(missing)} trainable tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}")
+                own[name].copy_(tensor)
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """Load a checkpoint written by :meth:`save_checkpoint`; returns the whole payload."""
+        payload = read_checkpoint(path)
+        self.load_trainable_state(payload["trainable"], source=os.fspath(path))
+        return payload
+
+
+def _rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: torch.Tensor,
+               sampled: SampledVideo, top_k: Optional[int]) -> List[FrameHit]:
+    """Sort groups by score and express them in original frame numbers and seconds."""
+    num = len(sampled.frame_indices)
+    segment = sampled.duration / num if sampled.duration > 0 else 0.0
+    hits, seen = [], set()
+    for g in torch.argsort(scores, descending=True, stable=True).tolist():
+        frame = int(sampled.frame_indices[int(representatives[g])])
+        if frame in seen:
+            continue
+        seen.add(frame)
+        members = groups[g]
+        hits.append(FrameHit(
+            frame=frame,
+            score=float(scores[g]),
+            start_frame=int(sampled.frame_indices[members[0]]),
+            end_frame=int(sampled.frame_indices[members[-1]]),
+            start_time=round(members[0] * segment, 6),
+            end_time=round((members[-1] + 1) * segment, 6),
+            timestamp=float(sampled.timestamps[int(representatives[g])]),
+        ))
+        if top_k is not None and len(hits) == top_k:
+            break
+    return hits
+
+
+def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read and check a model checkpoint with ``weights_only=True``; one-line errors."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt zip, pickle refused by weights_only, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(payload, dict) or "trainable" not in payload or "config" not in payload:
+        raise CheckpointError(f"{path}: not a unified-model checkpoint (no 'trainable'/'config' entries)")
+    version = payload.get("format_version")
+    if version != CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version}, this code reads format {CHECKPOINT_FORMAT_VERSION}")
+    return payload
+
+
+_ARCHITECTURE_KEYS = ("tempme", "stop", "max_frames", "video_size")
+
+
+def create_unified_model(
+    config_path: Optional[Union[str, os.PathLike]] = None,
+    device: Union[str, torch.device, None] = "auto",
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    clip_weights: Optional[str] = None,
+    config: Optional[UnifiedModelConfig] = None,
+) -> UnifiedTempMeSTOPModel:
+    """Build a ready-to-use model in eval mode.
+
+    config_path: JSON config (default: the built-in defaults, or the checkpoint's config).
+    device: "auto" (CUDA when present), "cpu", "cuda", ...; "auto" defers to config.device.
+    checkpoint: trained tensors from train_unified_model.py / save_checkpoint.
+    clip_weights: overrides config.clip_weights (a file, a model name or "random").
+    """
+    payload = read_checkpoint(checkpoint) if checkpoint is not None else None
+    if config is None:
+        if config_path is not None:
+            config = from_json(config_path)
+        elif payload is not None:
+            config = from_dict(payload["config"])
+        else:
+            config = UnifiedModelConfig()
+    if payload is not None:
+        saved = payload["config"]
+        for key in _ARCHITECTURE_KEYS:
+            if saved.get(key) != config.to_dict().get(key):
+                raise ConfigError(key, f"differs between the config and checkpoint {os.fspath(checkpoint)}; "
+                                       "omit --config_path to use the checkpoint's own config")
+    if clip_weights is not None:
+        config.clip_weights = clip_weights
+    target = resolve_device(config.device if device in (None, "auto") else device)
+    model = UnifiedTempMeSTOPModel(config)
+    if payload is not None:
+        model.load_trainable_state(payload["trainable"], source=os.fspath(checkpoint))
+    return model.to(target).eval()

@@ -1,0 +1,1 @@
+"""Stages of the unified TempMe-STOP model: one module per stage."""

@@ -1,0 +1,117 @@
+"""config.py: defaults, JSON round trip, and one-line errors naming the dotted key."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, STOPConfig, TempMeConfig, UnifiedModelConfig, from_dict, from_json, to_json
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_configs_load_with_design_defaults():
+    cfg = from_json(ROOT / "configs" / "unified_model_config.json")
+    assert cfg.tempme.merge_frame_num == "2-2-3"
+    assert cfg.tempme.merge_layer == [8, 9, 10]
+    assert cfg.tempme.merge_token_proportion == [0.3, 0.1]
+    assert cfg.tempme.tome_r == 2 and cfg.tempme.lora_dim == 8 and cfg.tempme.frame_pos is True
+    assert (cfg.max_frames, cfg.num_segments, cfg.video_size, cfg.max_words, cfg.top_k) == (12, 32, 224, 32, 5)
+    assert cfg.clip_weights is None and cfg.training is None
+    assert cfg.to_dict() == UnifiedModelConfig().to_dict()  # file == code defaults
+    train = from_json(ROOT / "configs" / "training_config.json")
+    assert train.training is not None and train.training.training_mode == "joint"
+
+
+def test_json_round_trip(tmp_path):
+    cfg = UnifiedModelConfig(
+        tempme=TempMeConfig(lora_dim=16, merge_frame_num="3-2-2", merge_layer=[7, 9, 11]),
+        stop=STOPConfig(sim_header="seqTransf", temporal_prompt="none"),
+        top_k=8,
+    )
+    path = tmp_path / "c.json"
+    cfg.to_json(path)
+    again = UnifiedModelConfig.from_json(path)
+    assert again == cfg
+    assert json.loads(path.read_text())["tempme"]["merge_frame_num"] == "3-2-2"
+    train = from_dict({"training": {"training_mode": "sequential", "num_epochs": 4, "sequential_split": 2}})
+    to_json(train, path)
+    assert from_json(path) == train
+
+
+def test_list_and_string_schedules_are_equivalent():
+    a = from_dict({"tempme": {"merge_frame_num": [2, 2, 3], "merge_layer": "8-9-10"}})
+    b = from_dict({"tempme": {"merge_frame_num": "2-2-3", "merge_layer": [8, 9, 10]}})
+    assert a == b
+
+
+def test_seed_schedule_2_2_2_refused_with_explanation():
+    with pytest.raises(ConfigError) as err:
+        from_dict({"tempme": {"merge_frame_num": "2-2-2", "merge_layer": [6, 8, 10]}})
+    msg = str(err.value)
+    assert msg.startswith("tempme.merge_frame_num:")
+    assert "12 -> 6 -> 3" in msg and "3/2 is not a whole number" in msg and "'2-2-3'" in msg
+    # Divides, but leaves more than one clip.
+    with pytest.raises(ConfigError, match="into 3 clips"):
+        from_dict({"tempme": {"merge_frame_num": "2-2", "merge_layer": [8, 9]}})
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"tempme": {"bogus": 1}}, "tempme.bogus"),
+        ({"nonsense": 1}, "nonsense"),
+        ({"tempme": {"lora_dim": "8"}}, "tempme.lora_dim"),
+        ({"tempme": {"lora_dim": -1}}, "tempme.lora_dim"),
+        ({"tempme": {"frame_pos": 1}}, "tempme.frame_pos"),
+        ({"tempme": {"merge_layer": [8, 8, 10]}}, "tempme.merge_layer"),
+        ({"tempme": {"merge_layer": [8, 9, 12]}}, "tempme.merge_layer"),
+        ({"tempme": {"merge_layer": [8, 9]}}, "tempme.merge_frame_num"),
+        ({"tempme": {"merge_token_proportion": [0.3, 0.7]}}, "tempme.merge_token_proportion[1]"),
+        ({"tempme": {"merge_token_proportion": [0.3]}}, "tempme.merge_token_proportion"),
+        ({"tempme": {"base_encoder": "RN50"}}, "tempme.base_encoder"),
+        ({"stop": {"sim_header": "tightTransf"}}, "stop.sim_header"),
+        ({"stop": {"temporal_prompt": "group3-3"}}, "stop.temporal_prompt"),
+        ({"stop": {"pretrained_clip_name": "ViT-B/16"}}, "stop.pretrained_clip_name"),
+        ({"max_frames": 0}, "max_frames"),
+        ({"num_segments": 8}, "num_segments"),
+        ({"video_size": 100}, "video_size"),
+        ({"device": "gpu"}, "device"),
+        ({"precision": "fp8"}, "precision"),
+        ({"top_k": True}, "top_k"),
+        ({"training": {"training_mode": "both"}}, "training.training_mode"),
+        ({"training": {"tempme_lr": 0}}, "training.tempme_lr"),
+        ({"training": {"num_epochs": 2, "sequential_split": 3}}, "training.sequential_split"),
+        ({"training": {"typo": 3}}, "training.typo"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(data, key):
+    with pytest.raises(ConfigError) as err:
+        from_dict(data)
+    assert err.value.key == key
+    assert str(err.value).startswith(f"{key}: ")
+    assert "\n" not in str(err.value)
+
+
+def test_file_errors_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        from_json(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"tempme": {"lora_dim": 8,}}')
+    with pytest.raises(ConfigError, match="invalid JSON at line 1"):
+        from_json(bad)
+    wrong = tmp_path / "wrong.json"
+    wrong.write_text('{"stop": {"sim_header": "x"}}')
+    with pytest.raises(ConfigError, match=r"stop.sim_header: .*\(in .*wrong.json\)"):
+        from_json(wrong)
+
+
+def test_comment_keys_are_ignored():
+    cfg = from_dict({"_comment": "docs", "tempme": {"_note": "x", "lora_dim": 4}})
+    assert cfg.tempme.lora_dim == 4
+
+
+def test_no_merging_schedule_is_allowed():
+    cfg = from_dict({"tempme": {"merge_frame_num": "", "merge_layer": []}})
+    assert cfg.tempme.frame_factors == [] and cfg.tempme.merge_layer == []

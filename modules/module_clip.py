@@ -1,0 +1,764 @@
+"""CLIP (ViT image encoder + causal text transformer) with OpenAI's parameter layout.
+
+The modules follow OpenAI CLIP's ``clip/model.py`` so that OpenAI and open_clip ViT state
+dicts load with ``strict=True``. Two deliberate differences from the reference:
+
+* every sequence is batch-first, ``(B, T, d)`` (OpenAI uses ``(T, B, d)``; the function
+  is the same);
+* attention is written with explicit ops (fused qkv linear, ``scaled_dot_product_attention``,
+  output linear) instead of ``nn.MultiheadAttention`` so that a LoRA delta can be added to
+  the fused qkv projection, the token-merging encoder can reuse the projections with its own
+  attention bias, and ``torch.utils.flop_counter`` sees every matmul.
+
+This file also resolves and downloads the official OpenAI weights
+(:func:`load_clip_state_dict`) and builds random weights for offline runs
+(:func:`random_state_dict`, :func:`load_or_random`).
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import math
+import os
+import re
+import urllib.error
+import urllib.request
+import uuid
+import warnings
+import zipfile
+from collections import OrderedDict
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "QuickGELU",
+    "LayerNorm",
+    "Attention",
+    "ResidualAttentionBlock",
+    "Transformer",
+    "VisionTransformer",
+    "CLIP",
+    "build_model",
+    "infer_config",
+    "random_state_dict",
+    "load_clip_state_dict",
+    "load_or_random",
+    "WeightsError",
+    "OPENAI_URL_BASE",
+    "OPENAI_MODELS",
+    "CLIP_ARCHS",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------------------
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that the OpenAI CLIP weights were trained with."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input dtype, cast back afterwards.
+
+    Keeps fp16/bf16 activations numerically safe, as OpenAI's subclass does; the affine
+    parameters are cast too so fp16 weights also work.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        orig_dtype = x.dtype
+        weight = self.weight.float() if self.weight is not None else None
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+        return out.to(orig_dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with ``nn.MultiheadAttention``'s parameter names.
+
+    Parameters: ``in_proj_weight`` (3d, d), ``in_proj_bias`` (3d,), ``out_proj`` (d -> d),
+    so ``...attn.in_proj_weight`` etc. match OpenAI / open_clip state dicts.
+    """
+
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        if d_model % n_head != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_head ({n_head})")
+        self.d_model = d_model
+        self.num_heads = n_head
+        self.head_dim = d_model // n_head
+        self.scale = self.head_dim ** -0.5
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
+        self.out_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Same defaults as nn.MultiheadAttention, so random models match the reference init.
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.in_proj_bias)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def project_qkv(
+        self, x: Tensor, qkv_delta: Optional[Tensor] = None
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, d) -> q, k, v each (B, heads, T, head_dim); q is not pre-scaled.
+
+        ``qkv_delta`` (B, T, 3d), if given, is added to the fused projection before the
+        split (the LoRA hook).
+        """
+        batch, length, _ = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
+        if qkv_delta is not None:
+            qkv = qkv + qkv_delta
+        qkv = qkv.view(batch, length, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v
+
+    def project_out(self, o: Tensor) -> Tensor:
+        """Per-head outputs o (B, heads, T, head_dim) -> (B, T, d) through ``out_proj``."""
+        batch, _, length, _ = o.shape
+        o = o.transpose(1, 2).reshape(batch, length, self.d_model)
+        return self.out_proj(o)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        qkv_delta: Optional[Tensor] = None,
+    ) -> Tensor:
+        """x (B, T, d) -> (B, T, d).
+
+        attn_mask: additive float mask broadcastable to (B, heads, T, T) (``-inf`` blocks),
+        or None. qkv_delta: optional (B, T, 3d) added to the fused qkv projection.
+        """
+        q, k, v = self.project_qkv(x, qkv_delta)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                # SDPA and nn.MultiheadAttention give bool masks opposite meanings: refuse
+                # rather than guess.
+                raise TypeError("Attention expects an additive float attn_mask, not a bool mask")
+            attn_mask = attn_mask.to(q.dtype)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.project_out(o)
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """Make torch.utils.flop_counter count scaled_dot_product_attention on CPU too.
+
+    On CPU, SDPA runs ``aten._scaled_dot_product_flash_attention_for_cpu``, which the flop
+    counter has no formula for (it only knows the CUDA kernels), so attention would count
+    as free. The CPU op takes the same leading arguments as the CUDA flash kernel, so its
+    formulas apply unchanged. FlopCounterMode snapshots the registry when constructed.
+    """
+    try:
+        from torch.utils import flop_counter
+
+        aten = torch.ops.aten
+        same_formula = {
+            aten._scaled_dot_product_flash_attention_for_cpu:
+                aten._scaled_dot_product_flash_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward:
+                aten._scaled_dot_product_flash_attention_backward,
+        }
+        registry = flop_counter.flop_registry
+        for cpu_op, cuda_op in same_formula.items():
+            if cpu_op not in registry and cuda_op in registry:
+                registry[cpu_op] = registry[cuda_op]
+    except Exception as e:  # a torch without these ops: counting is only a diagnostic
+        logger.debug("could not register CPU SDPA flop formulas: %s", e)
+
+
+_register_cpu_sdpa_flops()
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(ln_1 x), then x + mlp(ln_2 x)."""
+
+    def __init__(self, d_model: int, n_head: int) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(d_model)
+        self.attn = Attention(d_model, n_head)
+        self.ln_2 = LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            OrderedDict(
+                [
+                    ("c_fc", nn.Linear(d_model, d_model * 4)),
+                    ("gelu", QuickGELU()),
+                    ("c_proj", nn.Linear(d_model * 4, d_model)),
+                ]
+            )
+        )
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d)."""
+        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class Transformer(nn.Module):
+    """A stack of ``layers`` residual attention blocks of width ``width``."""
+
+    def __init__(self, width: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.heads = heads
+        self.resblocks = nn.ModuleList(
+            [ResidualAttentionBlock(width, heads) for _ in range(layers)]
+        )
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """x (B, T, width) -> (B, T, width)."""
+        for block in self.resblocks:
+            x = block(x, attn_mask=attn_mask)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """CLIP's ViT image encoder: patchify, class token, positions, transformer, CLS head."""
+
+    def __init__(
+        self,
+        input_resolution: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+    ) -> None:
+        super().__init__()
+        if input_resolution % patch_size != 0:
+            raise ValueError(
+                f"input_resolution {input_resolution} is not a multiple of patch_size {patch_size}"
+            )
+        self.input_resolution = input_resolution
+        self.patch_size = patch_size
+        self.grid_size = input_resolution // patch_size
+        self.width = width
+        self.output_dim = output_dim
+
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn(self.grid_size ** 2 + 1, width)
+        )
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def embed(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> layer-0 tokens (B, 1 + g*g, width): conv1, CLS, pos, ln_pre."""
+        x = self.conv1(images)  # (B, width, g, g)
+        x = x.flatten(2).transpose(1, 2)  # (B, g*g, width)
+        if x.shape[1] + 1 != self.positional_embedding.shape[0]:
+            raise ValueError(
+                f"images of size {tuple(images.shape[-2:])} give {x.shape[1]} patches; this "
+                f"model expects {self.input_resolution}x{self.input_resolution} "
+                f"({self.grid_size ** 2} patches)"
+            )
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.positional_embedding.to(x.dtype)
+        return self.ln_pre(x)
+
+    def head(self, cls_tokens: Tensor) -> Tensor:
+        """CLS tokens (..., width) -> image features (..., output_dim): ln_post then proj."""
+        return self.ln_post(cls_tokens) @ self.proj
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W) -> features (B, output_dim), not normalised."""
+        x = self.transformer(self.embed(images))
+        return self.head(x[:, 0])
+
+
+class CLIP(nn.Module):
+    """Contrastive image-text model with a ViT image tower and a causal text transformer."""
+
+    def __init__(
+        self,
+        embed_dim: int,
+        image_resolution: int,
+        vision_layers: int,
+        vision_width: int,
+        vision_patch_size: int,
+        context_length: int,
+        vocab_size: int,
+        transformer_width: int,
+        transformer_heads: int,
+        transformer_layers: int,
+    ) -> None:
+        super().__init__()
+        # Kept so a model can be rebuilt or described without its state dict.
+        self.config: Dict[str, int] = dict(
+            embed_dim=embed_dim,
+            image_resolution=image_resolution,
+            vision_layers=vision_layers,
+            vision_width=vision_width,
+            vision_patch_size=vision_patch_size,
+            context_length=context_length,
+            vocab_size=vocab_size,
+            transformer_width=transformer_width,
+            transformer_heads=transformer_heads,
+            transformer_layers=transformer_layers,
+        )
+        self.context_length = context_length
+        self.vocab_size = vocab_size
+
+        self.visual = VisionTransformer(
+            input_resolution=image_resolution,
+            patch_size=vision_patch_size,
+            width=vision_width,
+            layers=vision_layers,
+            heads=_heads_for_width(vision_width),
+            output_dim=embed_dim,
+        )
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        # Derived from context_length, so kept out of the state dict (OpenAI's has none).
+        self.register_buffer("attn_mask", _causal_mask(context_length), persistent=False)
+
+        self.initialize_parameters()
+
+    def initialize_parameters(self) -> None:
+        """OpenAI's initialisation of the text side (the ViT initialises itself)."""
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        width = self.transformer.width
+        proj_std = (width ** -0.5) * ((2 * self.transformer.layers) ** -0.5)
+        attn_std = width ** -0.5
+        fc_std = (2 * width) ** -0.5
+        for block in self.transformer.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.visual.conv1.weight.dtype
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """images (B, 3, H, W), CLIP-normalised -> (B, embed_dim), not normalised."""
+        return self.visual(images.to(self.dtype))
+
+    def encode_text_tokens(self, tokens: Tensor) -> Tensor:
+        """token ids (B, L), L <= context_length -> hidden states (B, L, width) before ln_final.
+
+        Shorter sequences (e.g. CLIP4Clip's max_words=32) use the first L positions and the
+        matching corner of the causal mask, which gives the same result at each position.
+        """
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise ValueError(
+                f"token sequence of length {length} exceeds context_length {self.context_length}"
+            )
+        x = self.token_embedding(tokens).to(self.dtype)
+        x = x + self.positional_embedding[:length].to(x.dtype)
+        return self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+
+    def encode_text(self, tokens: Tensor) -> Tensor:
+        """token ids (B, L) -> (B, embed_dim) taken at the EOT token, not normalised.
+
+        The EOT token has the largest id in the vocabulary, so argmax finds it (as OpenAI).
+        """
+        x = self.ln_final(self.encode_text_tokens(tokens))
+        eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        return eot @ self.text_projection
+
+    def forward(self, images: Tensor, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        """-> (logits_per_image (B_img, B_txt), logits_per_text (B_txt, B_img))."""
+        image_features = F.normalize(self.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encode_text(tokens), dim=-1)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+
+def _heads_for_width(width: int) -> int:
+    # OpenAI CLIP uses 64-dim heads; tiny test models narrower than 64 get a single head.
+    return max(1, width // 64)
+
+
+def _causal_mask(length: int) -> Tensor:
+    """(L, L) additive mask: 0 on and below the diagonal, -inf above."""
+    return torch.full((length, length), float("-inf")).triu_(1)
+
+
+# ---------------------------------------------------------------------------------------
+# Building from a state dict, random weights
+# ---------------------------------------------------------------------------------------
+
+# Keys found in OpenAI's TorchScript archives (and derived buffers) that are not parameters.
+_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+#: Architectures of OpenAI's ViT CLIPs, as CLIP(...) keyword arguments.
+CLIP_ARCHS: Dict[str, Dict[str, int]] = {
+    "ViT-B/32": dict(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
+        transformer_heads=8, transformer_layers=12,
+    ),
+    "ViT-B/16": dict(
+        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
+        vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
+        transformer_heads=8, transformer_layers=12,
+    ),
+    "ViT-L/14": dict(
+        embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
+        vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
+        transformer_heads=12, transformer_layers=12,
+    ),
+}
+
+
+def _count_blocks(state_dict: Mapping[str, Tensor], prefix: str) -> int:
+    indices = {
+        key[len(prefix):].split(".")[0] for key in state_dict if key.startswith(prefix)
+    }
+    return len(indices)
+
+
+def infer_config(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
+    """CLIP(...) keyword arguments read off the tensor shapes of a ViT CLIP state dict."""
+    if "visual.layer1.0.conv1.weight" in state_dict or "visual.attnpool.c_proj.weight" in state_dict:
+        raise ValueError("only ViT CLIP checkpoints are supported (this one has a ResNet image encoder)")
+    required = (
+        "visual.conv1.weight", "visual.positional_embedding", "text_projection",
+        "positional_embedding", "token_embedding.weight", "ln_final.weight",
+    )
+    missing = [key for key in required if key not in state_dict]
+    if missing:
+        raise ValueError(f"not a ViT CLIP state dict: missing {', '.join(missing)}")
+
+    vision_width = state_dict["visual.conv1.weight"].shape[0]
+    vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
+    num_positions = state_dict["visual.positional_embedding"].shape[0]
+    grid_size = round((num_positions - 1) ** 0.5)
+    if grid_size * grid_size + 1 != num_positions:
+        raise ValueError(f"visual.positional_embedding has {num_positions} rows, not 1 + a square")
+    transformer_width = state_dict["ln_final.weight"].shape[0]
+    return dict(
+        embed_dim=state_dict["text_projection"].shape[1],
+        image_resolution=vision_patch_size * grid_size,
+        vision_layers=_count_blocks(state_dict, "visual.transformer.resblocks."),
+        vision_width=vision_width,
+        vision_patch_size=vision_patch_size,
+        context_length=state_dict["positional_embedding"].shape[0],
+        vocab_size=state_dict["token_embedding.weight"].shape[0],
+        transformer_width=transformer_width,
+        transformer_heads=_heads_for_width(transformer_width),
+        transformer_layers=_count_blocks(state_dict, "transformer.resblocks."),
+    )
+
+
+def build_model(state_dict: Mapping[str, Tensor]) -> CLIP:
+    """A float32 CLIP in eval mode from an OpenAI / open_clip ViT state dict (strict load).
+
+    All sizes come from tensor shapes; head counts follow CLIP's 64-dim heads.
+    """
+    state_dict = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
+    config = infer_config(state_dict)
+    # Built on the meta device: the random initialisation (seconds for ViT-B/32) would be
+    # overwritten anyway. Every persistent tensor is then filled by the strict load; the
+    # only non-persistent one, the causal mask, is recomputed.
+    with torch.device("meta"):
+        model = CLIP(**config)
+    model = model.to_empty(device="cpu")
+    model.attn_mask = _causal_mask(config["context_length"])
+    model.load_state_dict(state_dict, strict=True)  # copies; fp16 weights become fp32
+    return model.float().eval()
+
+
+def random_state_dict(name: str = "ViT-B/32", seed: int = 0) -> Dict[str, Tensor]:
+    """State dict of a randomly initialised CLIP with the shapes of OpenAI's ``name``.
+
+    Deterministic for a seed; the global RNG state is left untouched.
+    """
+    name = _canonical_name(name)
+    if name not in CLIP_ARCHS:
+        raise ValueError(f"unknown CLIP architecture {name!r}; known: {', '.join(CLIP_ARCHS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIP(**CLIP_ARCHS[name])
+    return model.state_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# Official weights: resolving, downloading, loading
+# ---------------------------------------------------------------------------------------
+
+
+class WeightsError(RuntimeError):
+    """CLIP weights could not be found, downloaded, verified or read."""
+
+
+#: Where OpenAI publishes its CLIP checkpoints (overridable with UNIFIED_CLIP_URL_BASE).
+OPENAI_URL_BASE = "https://openaipublic.azureedge.net/clip/models"
+
+#: Model name -> "<sha256>/<file name>" under the URL base (from OpenAI's clip/clip.py).
+#: The directory component is the file's sha256, which the download is verified against.
+OPENAI_MODELS: Dict[str, str] = {
+    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+}
+
+_CHUNK = 1 << 20
+_DOWNLOAD_TIMEOUT_S = 60
+
+
+def _canonical_name(name: str) -> str:
+    """Accept open_clip spellings ("ViT-B-32") for OpenAI names ("ViT-B/32")."""
+    for known in list(OPENAI_MODELS) + list(CLIP_ARCHS):
+        if name == known or name == known.replace("/", "-"):
+            return known
+    return name
+
+
+def _model_url(name: str) -> Tuple[str, str, str]:
+    """-> (url, expected sha256, file name) for a known model name."""
+    relative = OPENAI_MODELS[name]
+    sha256, filename = relative.split("/")[-2:]
+    base = os.environ.get("UNIFIED_CLIP_URL_BASE") or OPENAI_URL_BASE
+    return f"{base.rstrip('/')}/{relative}", sha256, filename
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("UNIFIED_CLIP_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "clip"
+    )
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        text = f"HTTP {error.code} {error.reason}"
+    elif isinstance(error, urllib.error.URLError):
+        text = str(error.reason)
+    else:
+        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return " ".join(text.split())
+
+
+def _download_error(name: str, url: str, reason: str) -> WeightsError:
+    return WeightsError(
+        f"could not download {name} from {url} ({reason}); pass a local file with "
+        "--clip_weights PATH or set UNIFIED_CLIP_WEIGHTS"
+    )
+
+
+def _download(name: str, cache_dir: str, download: bool) -> str:
+    """Path of the verified cached file for ``name``, downloading it if needed."""
+    url, sha256, filename = _model_url(name)
+    target = os.path.join(cache_dir, filename)
+    if os.path.isfile(target):
+        if _sha256_file(target) == sha256:
+            return target
+        logger.warning("cached %s does not match its sha256; downloading it again", target)
+    if not download:
+        raise WeightsError(
+            f"{name} weights are not cached at {target} (or fail their sha256 check) and "
+            "download=False; pass a local file with --clip_weights PATH or set UNIFIED_CLIP_WEIGHTS"
+        )
+
+    # Written under a temporary name next to the target and renamed into place, so an
+    # interrupted download never leaves a file under the final name. The name is unique
+    # (several ranks may download at once) and, unlike mkstemp's, the file gets the umask's
+    # permissions, since the cache may be shared.
+    tmp_path = os.path.join(cache_dir, f".{filename}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        out = open(tmp_path, "xb")
+    except OSError as e:
+        raise WeightsError(
+            f"cannot write to the CLIP cache directory {cache_dir} ({_one_line(e)}); set "
+            "UNIFIED_CLIP_CACHE, or pass a local file with --clip_weights PATH"
+        ) from None
+    digest = hashlib.sha256()
+    received, total = 0, None
+    try:
+        with out:
+            try:
+                with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as source:
+                    length = source.headers.get("Content-Length")
+                    total = int(length) if length else None  # ValueError if malformed
+                    logger.info("downloading %s from %s", name, url)
+                    with tqdm(
+                        total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc=filename, disable=None,
+                    ) as bar:
+                        for chunk in iter(lambda: source.read(_CHUNK), b""):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            received += len(chunk)
+                            bar.update(len(chunk))
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                raise _download_error(name, url, _one_line(e)) from None
+        if total is not None and received != total:
+            # http.client hands back a short body without complaint when the server hangs
+            # up early; say so rather than report a hash mismatch.
+            raise _download_error(name, url, f"connection closed after {received} of {total} bytes")
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise WeightsError(f"sha256 mismatch for {url}: expected {sha256} got {actual}")
+        os.replace(tmp_path, target)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    logger.info("saved %s to %s", name, target)
+    return target
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    # TorchScript archives hold a constants.pkl (and code/); torch.save archives do not.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.endswith("constants.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _error_summary(error: BaseException) -> str:
+    """A short one-line account of a loading error."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        # torch.load(weights_only=True) buries the useful part ("Unsupported global: ...")
+        # under a long explanation.
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {first}"[:200]
+
+
+def _read_checkpoint(path: str) -> Dict[str, Tensor]:
+    """State dict from a TorchScript archive or a torch.save'd (state) dict."""
+    obj: Any = None
+    if _is_torchscript_archive(path):
+        # OpenAI ships TorchScript archives; their state_dict() holds the parameters.
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated"
+                obj = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:
+            raise WeightsError(
+                f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})"
+            ) from None
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsError(
+                f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})"
+            ) from None
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
+    ):
+        raise WeightsError(f"{path} is not a CLIP checkpoint (no tensor state dict inside)")
+    state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    if "token_embedding.weight" not in state_dict or not any(
+        k.startswith("visual.") for k in state_dict
+    ):
+        raise WeightsError(f"{path} is not a CLIP checkpoint (no CLIP parameter names inside)")
+    return state_dict
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        os.sep in name
+        or "/" in name
+        or name.startswith(("~", "."))
+        or os.path.splitext(name)[1] != ""
+    )
+
+
+def _looks_like_model_name(name: str) -> bool:
+    # "ViT-H/14", "RN50x4", ... : report an unknown name rather than a missing file.
+    return re.fullmatch(r"(ViT|RN)[\w\-/@]*", name) is not None
+
+
+def load_clip_state_dict(
+    name_or_path: str, cache_dir: Optional[str] = None, download: bool = True
+) -> Dict[str, Tensor]:
+    """CLIP state dict from a local file or an OpenAI model name ("ViT-B/32", "ViT-B/16").
+
+    A model name uses the file in env ``UNIFIED_CLIP_WEIGHTS`` when set, otherwise the
+    official checkpoint, downloaded once into ``cache_dir`` (default env
+    ``UNIFIED_CLIP_CACHE`` or ``~/.cache/clip``) and verified by sha256. Every failure
+    raises :class:`WeightsError` with a one-line message.
+    """
+    name = _canonical_name(name_or_path)
+    if name in OPENAI_MODELS:
+        override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
+        if override:
+            path = os.path.expanduser(override)
+            if not os.path.isfile(path):
+                raise WeightsError(f"weights file not found: {path} (from UNIFIED_CLIP_WEIGHTS)")
+            logger.info("using %s for %s (UNIFIED_CLIP_WEIGHTS)", path, name)
+            return _read_checkpoint(path)
+        path = _download(name, os.path.expanduser(cache_dir or _default_cache_dir()), download)
+        return _read_checkpoint(path)
+
+    path = os.path.expanduser(name_or_path)
+    if os.path.isfile(path):
+        return _read_checkpoint(path)
+    known = ", ".join(OPENAI_MODELS)
+    if os.path.exists(path):  # a directory, say
+        raise WeightsError(f"weights file not found: {path} (not a file)")
+    if _looks_like_model_name(name_or_path):
+        if name_or_path.startswith("RN"):
+            raise WeightsError(
+                f"{name_or_path!r}: only ViT CLIP checkpoints are supported; known names: {known}"
+            )
+        raise WeightsError(
+            f"unknown CLIP model {name_or_path!r}; known names: {known} (or pass a local weights file)"
+        )
+    if _looks_like_path(name_or_path):
+        raise WeightsError(f"weights file not found: {path}")
+    raise WeightsError(f"weights file not found: {path} (nor is it a known model name: {known})")
+
+
+def load_or_random(
+    name_or_path: Optional[str],
+    base_name: str = "ViT-B/32",
+    cache_dir: Optional[str] = None,
+    download: bool = True,
+    seed: int = 0,
+) -> Dict[str, Tensor]:
+    """Resolve a ``clip_weights`` setting: None = official ``base_name`` weights,
+    "random" = random weights with ``base_name``'s shapes, else a file or model name."""
+    if name_or_path == "random":
+        logger.warning("random CLIP weights: embeddings are not semantic (offline smoke/test mode)")
+        return random_state_dict(base_name, seed=seed)
+    if name_or_path is None:
+        return load_clip_state_dict(base_name, cache_dir=cache_dir, download=download)
+    return load_clip_state_dict(name_or_path, cache_dir=cache_dir, download=download)

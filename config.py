@@ -245,15 +245,24 @@ class STOPConfig(_Section):
 
 @dataclass
 class TrainingConfig(_Section):
-    """Training settings (DESIGN.md section 6); only read by train_unified_model.py."""
+    """Training settings (DESIGN.md section 6); only read by train_unified_model.py.
+
+    TRAINING_GUIDE.md documents every field. Paths may be null where a default applies:
+    msrvtt reads ``data_path/MSRVTT_data.json``, ``MSRVTT_train.9k.csv`` and
+    ``MSRVTT_JSFUSION_test.csv`` and videos from ``video_dir`` (default ``data_path/videos``);
+    csv reads ``train_csv`` / ``val_csv``; synthetic generates clips into ``data_path``
+    (default ``checkpoint_dir/synthetic_data``).
+    """
 
     training_mode: str = "joint"
     tempme_lr: float = 1e-4
     stop_lr: float = 1e-5
-    batch_size: int = 8
+    backbone_lr: Optional[float] = None  # only with train_backbone; null = tempme_lr * 0.1
+    batch_size: int = 8  # global: videos per micro-batch summed over all processes
+    eval_batch_size: Optional[int] = None  # videos per process at evaluation; null = batch_size
     grad_accum_steps: int = 1
     num_epochs: int = 20
-    sequential_split: int = 10
+    sequential_split: Optional[int] = None  # epochs of sequential's TempMe phase; null = num_epochs // 2
     weight_decay: float = 0.2
     warmup_proportion: float = 0.1
     max_grad_norm: float = 1.0
@@ -264,9 +273,16 @@ class TrainingConfig(_Section):
     video_dir: Optional[str] = None
     train_csv: Optional[str] = None
     val_csv: Optional[str] = None
+    msrvtt_json: Optional[str] = None
+    expand_sentences: bool = True  # every caption is a training pair (CLIP4Clip --expand_msrvtt_sentences)
+    synthetic_num_videos: int = 120
+    synthetic_val_videos: int = 30
     num_workers: int = 2
     eval_every: int = 1
+    log_every: int = 10
     checkpoint_dir: str = "./checkpoints/unified_model"
+    save_every_steps: Optional[int] = None
+    keep_checkpoints: Optional[int] = None  # epoch checkpoints kept (null = all, 0 = none); last/best always
     train_backbone: bool = False
     max_steps: Optional[int] = None
 
@@ -278,17 +294,33 @@ class TrainingConfig(_Section):
                  f"must be one of {', '.join(DATATYPES)}, got {self.datatype!r}")
         for name in ("tempme_lr", "stop_lr"):
             _require(getattr(self, name) > 0, name, f"must be > 0, got {getattr(self, name)}")
-        for name in ("batch_size", "grad_accum_steps", "num_epochs", "eval_every"):
+        _require(self.backbone_lr is None or self.backbone_lr > 0, "backbone_lr",
+                 f"must be > 0 or null (= tempme_lr * 0.1), got {self.backbone_lr}")
+        for name in ("batch_size", "grad_accum_steps", "num_epochs", "eval_every", "log_every"):
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _require(0 <= self.sequential_split <= self.num_epochs, "sequential_split",
-                 f"must be in [0, num_epochs={self.num_epochs}] (epochs of the TempMe phase), got {self.sequential_split}")
+        for name in ("eval_batch_size", "save_every_steps", "max_steps"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, name, f"must be >= 1 or null, got {value}")
+        _require(self.keep_checkpoints is None or self.keep_checkpoints >= 0, "keep_checkpoints",
+                 f"must be >= 0 (0 = no per-epoch files) or null (keep all), got {self.keep_checkpoints}")
+        _require(self.sequential_split is None or 0 <= self.sequential_split <= self.num_epochs, "sequential_split",
+                 f"must be in [0, num_epochs={self.num_epochs}] (epochs of the TempMe phase) or null, got {self.sequential_split}")
         _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(0 <= self.warmup_proportion < 1, "warmup_proportion",
                  f"must be in [0, 1), got {self.warmup_proportion}")
         _require(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _require(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _require(self.max_steps is None or self.max_steps >= 1, "max_steps",
-                 f"must be >= 1 or null, got {self.max_steps}")
+        _require(self.synthetic_val_videos >= 1, "synthetic_val_videos",
+                 f"must be >= 1, got {self.synthetic_val_videos}")
+        _require(self.synthetic_num_videos > self.synthetic_val_videos, "synthetic_num_videos",
+                 f"must exceed synthetic_val_videos={self.synthetic_val_videos} (the rest are training clips), "
+                 f"got {self.synthetic_num_videos}")
+        _require(bool(self.checkpoint_dir.strip()), "checkpoint_dir", "must not be empty")
+
+    @property
+    def tempme_phase_epochs(self) -> int:
+        """Epochs of sequential mode's TempMe phase (sequential_split, default num_epochs // 2)."""
+        return self.num_epochs // 2 if self.sequential_split is None else self.sequential_split
 
 
 @dataclass

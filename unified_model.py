@@ -136,7 +136,10 @@ class UnifiedTempMeSTOPModel(nn.Module):
         embed_dim = self.clip.text_projection.shape[1]
         self.head = build_head(stop.sim_header, stop.cross_model, width=embed_dim)
         if hasattr(self.head, "init_from_clip"):
-            self.head.init_from_clip(self.clip)
+            try:
+                self.head.init_from_clip(self.clip)
+            except ValueError as err:  # e.g. a small CLIP with fewer text blocks than cross-base
+                raise ConfigError("stop.sim_header", f"seqTransf cannot start from these CLIP weights: {err}") from None
         self.text_lora_merged = False
 
     # ------------------------------------------------------------------ properties

@@ -244,3 +244,10 @@ def test_checkpoint_round_trip(tmp_path, clip_state, default_model):
 def test_video_size_must_match_weights(clip_state):
     with pytest.raises(ConfigError, match="video_size"):
         UnifiedTempMeSTOPModel(_config(video_size=112), clip_state)
+
+
+def test_seqtransf_needs_enough_text_blocks():
+    from modules.training import small_clip_state_dict, small_config_dict
+    state = small_clip_state_dict(text_layers=2)
+    with pytest.raises(ConfigError, match="stop.sim_header"):
+        UnifiedTempMeSTOPModel(from_dict(small_config_dict(sim_header="seqTransf")), state)

@@ -1,0 +1,283 @@
+#!/usr/bin/env python
+"""End-to-end directory extraction speed: our pipeline vs the loop a user would write.
+
+Everything is measured in one run, on the same generated videos and the same random
+ViT-B/32 weights:
+
+- ours: ``extract_directory_embeddings`` with the default config (32 sampled frames ->
+  TempMe 12, STOP prompts, meanP), decode worker processes, batched forwards, LoRA merged.
+- baseline: decode every frame with PyAV (``to_ndarray("rgb24")``), take 12 uniformly,
+  open_clip "ViT-B-32-quickgelu" (the same weights, loaded strictly) on the 12 frames in
+  one batch with open_clip's own preprocessing, mean-pool the normalised frame features,
+  save the .npy. Measured twice: with PyAV's defaults (what that loop does when written
+  plainly: slice threading only, i.e. one thread for most H.264 files), and tuned with
+  ``stream.thread_type = "AUTO"`` (frame threading, the setting our sampler uses), so the
+  table also shows the ratio against a baseline that decodes as fast as it can.
+
+Runs alternate (ours, baseline, ours, ...) so slow phases of a shared machine hit both;
+the table quotes medians. A profile pass then times decoding and the model separately.
+The videos: h264 (libx264 crf 23, default GOP and B-frames), a textured panning
+background with moving shapes, 320x240 and 640x360, 25 and 30 fps, 10 to 30 s.
+
+    .venv/bin/python benchmarks/bench_extract.py [--runs 5] [--work_dir /tmp/bench_extract]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+import av  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+logger = logging.getLogger("bench_extract")
+
+#: (seconds, (width, height), fps) of the generated videos
+VIDEO_SPECS: List[Tuple[int, Tuple[int, int], int]] = [
+    (10, (640, 360), 25), (20, (320, 240), 30), (30, (640, 360), 30), (15, (320, 240), 25),
+    (25, (640, 360), 25), (12, (320, 240), 30), (18, (640, 360), 30), (10, (320, 240), 25),
+]
+BASELINE_FRAMES = 12
+
+
+# ----------------------------------------------------------------------------- videos
+
+
+def _write_video(path: Path, seconds: int, size: Tuple[int, int], fps: int, seed: int) -> None:
+    """A textured background panning under moving shapes: real encoding/decoding cost."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    block = 8
+    coarse = rng.integers(0, 256, (height // block + 40, width // block + 200, 3), dtype=np.uint8)
+    texture = np.repeat(np.repeat(coarse, block, 0), block, 1) // 2
+    texture = (texture + rng.integers(0, 48, texture.shape, dtype=np.uint8)).astype(np.uint8)
+    colors = rng.integers(40, 255, (3, 3))
+    n = seconds * fps
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "fast", "crf": "23"}
+        for i in range(n):
+            dx = int(i * 1.5) % (texture.shape[1] - width)
+            dy = int(15 + 12 * np.sin(i / 25))
+            img = texture[dy:dy + height, dx:dx + width].copy()
+            for k in range(3):
+                r = height // (6 + 2 * k)
+                cx = int((0.1 + 0.8 * ((i / n + k / 3) % 1.0)) * width)
+                cy = int(height * (0.3 + 0.2 * k) + height * 0.1 * np.sin(i / (10 + 5 * k)))
+                img[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = colors[k]
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts = i
+            frame.time_base = Fraction(1, fps)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def make_videos(folder: Path, specs: Sequence[Tuple[int, Tuple[int, int], int]]) -> List[Path]:
+    """Generate the benchmark videos once (a manifest makes reruns reuse them)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = folder / "manifest.json"
+    wanted = [[s, list(size), fps] for s, size, fps in specs]
+    paths = [folder / f"video{i:02d}_{size[0]}x{size[1]}_{fps}fps_{s}s.mp4" for i, (s, size, fps) in enumerate(specs)]
+    if manifest.exists() and json.loads(manifest.read_text()) == wanted and all(p.exists() for p in paths):
+        return paths
+    for p in folder.glob("*.mp4"):
+        p.unlink()
+    start = time.perf_counter()
+    for i, ((seconds, size, fps), path) in enumerate(zip(specs, paths)):
+        _write_video(path, seconds, size, fps, seed=i)
+    manifest.write_text(json.dumps(wanted))
+    logger.info("generated %d videos in %.1fs", len(paths), time.perf_counter() - start)
+    return paths
+
+
+# ----------------------------------------------------------------------------- the two pipelines
+
+
+def run_ours(model, video_dir: Path, out: Path, batch_size: int, num_workers: int) -> float:
+    from modules.extraction import extract_directory_embeddings
+
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    result = extract_directory_embeddings(video_dir, out, model=model, batch_size=batch_size,
+                                          num_workers=num_workers, progress=False)
+    seconds = time.perf_counter() - start
+    if result["failed"] or result["processed"] != len(list(video_dir.glob("*.mp4"))):
+        raise RuntimeError(f"our pipeline failed: {result['errors']}")
+    return seconds
+
+
+def baseline_decode(path: Path, preprocess, threaded: bool) -> torch.Tensor:
+    """Decode every frame, keep 12 uniformly spaced ones, open_clip preprocessing."""
+    from PIL import Image
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if threaded:
+            stream.thread_type = "AUTO"
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+    idx = np.linspace(0, len(frames) - 1, BASELINE_FRAMES).round().astype(int)
+    return torch.stack([preprocess(Image.fromarray(frames[i])) for i in idx])
+
+
+def baseline_embed(clip_model, batch: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        features = F.normalize(clip_model.encode_image(batch), dim=-1)
+    return F.normalize(features.mean(0), dim=-1).numpy().astype(np.float32)
+
+
+def run_baseline(clip_model, preprocess, videos: Sequence[Path], out: Path, threaded: bool) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    start = time.perf_counter()
+    for path in videos:
+        batch = baseline_decode(path, preprocess, threaded)
+        np.save(out / f"{path.stem}_embedding.npy", baseline_embed(clip_model, batch))
+    return time.perf_counter() - start
+
+
+def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: int) -> Dict[str, float]:
+    """Seconds per video for decoding and for the model, each pipeline, measured apart."""
+    from modules.extraction import decode_video, normalize_uint8
+
+    cfg = model.config
+    t = time.perf_counter()
+    decoded = [decode_video(str(p), cfg.num_segments, cfg.video_size) for p in videos]
+    ours_decode = (time.perf_counter() - t) / len(videos)
+    frames = [normalize_uint8(d.frames) for d in decoded]
+    t = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(frames), batch_size):
+            model.encode_videos(torch.stack(frames[i:i + batch_size]))
+    ours_model = (time.perf_counter() - t) / len(videos)
+    t = time.perf_counter()
+    for p in videos:
+        baseline_decode(p, preprocess, threaded=False)
+    base_decode = (time.perf_counter() - t) / len(videos)
+    t = time.perf_counter()
+    batches = [baseline_decode(p, preprocess, threaded=True) for p in videos]
+    tuned_decode = (time.perf_counter() - t) / len(videos)
+    t = time.perf_counter()
+    for b in batches:
+        baseline_embed(clip_model, b)
+    base_model = (time.perf_counter() - t) / len(videos)
+    return {"ours_decode": ours_decode, "ours_model": ours_model, "base_decode": base_decode,
+            "tuned_decode": tuned_decode, "base_model": base_model}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_description() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+        cpu = f"{info.get('Model name', '?').strip()}, {info.get('CPU(s)', '?').strip()} CPUs " \
+              f"({info.get('Thread(s) per core', '?').strip()} thread(s) per core)"
+    except (OSError, subprocess.SubprocessError, ValueError):
+        cpu = platform.processor() or "unknown CPU"
+    return (f"{cpu}; torch {torch.__version__} ({torch.get_num_threads()} threads), PyAV {av.__version__}, "
+            f"Python {platform.python_version()}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--work_dir", default="/tmp/bench_extract", help="videos and outputs go here")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs of each pipeline (alternating)")
+    parser.add_argument("--batch_size", type=int, default=4, help="our videos per forward")
+    parser.add_argument("--num_workers", type=int, default=None, help="our decode processes (default: the CLI's)")
+    parser.add_argument("--num_videos", type=int, default=len(VIDEO_SPECS), help=f"use the first N of {len(VIDEO_SPECS)} videos")
+    parser.add_argument("--no_profile", action="store_true", help="skip the decode/model breakdown")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    for noisy in ("modules.module_clip", "root"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+    import open_clip
+
+    from config import UnifiedModelConfig
+    from modules.extraction import build_inference_model, default_num_workers
+    from modules.module_clip import random_state_dict
+
+    work = Path(args.work_dir)
+    specs = VIDEO_SPECS[: args.num_videos]
+    video_dir = work / "videos"
+    videos = make_videos(video_dir, specs)
+    total_seconds = sum(s for s, _, _ in specs)
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
+    load_start = os.getloadavg()
+
+    state = random_state_dict("ViT-B/32", seed=0)
+    ours = build_inference_model(UnifiedModelConfig(clip_weights="random"), device="cpu", clip_state_dict=state)
+    clip_model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=None)
+    clip_model.load_state_dict(state, strict=True)
+    clip_model.eval()
+
+    # warm-up (first-call allocations, lazy imports), not timed
+    run_ours(ours, video_dir, work / "warm_ours", args.batch_size, workers)
+    run_baseline(clip_model, preprocess, videos[:1], work / "warm_base", threaded=True)
+
+    times: Dict[str, List[float]] = {"ours": [], "plain": [], "tuned": []}
+    for r in range(args.runs):
+        times["ours"].append(run_ours(ours, video_dir, work / "out_ours", args.batch_size, workers))
+        times["plain"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=False))
+        times["tuned"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=True))
+        logger.info("run %d: ours %.2fs, baseline %.2fs, tuned baseline %.2fs",
+                    r + 1, times["ours"][-1], times["plain"][-1], times["tuned"][-1])
+    prof = None if args.no_profile else profile(ours, clip_model, preprocess, videos, args.batch_size)
+    load_end = os.getloadavg()
+
+    n = len(videos)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print()
+    print(f"Machine: {machine_description()}")
+    print(f"Videos: {n} h264 files, {total_seconds} s in total ({', '.join(f'{s}s {w}x{h}@{f}' for s, (w, h), f in specs)})")
+    print("Weights: random ViT-B/32 (seed 0), the same tensors in both pipelines")
+    print(f"Ours: default config (32 frames sampled -> 12), batch_size {args.batch_size}, {workers} decode worker(s)")
+    print(f"Load average (1 min) before/after: {load_start[0]:.2f} / {load_end[0]:.2f}")
+    print()
+    rows = [
+        ("ours: extract_directory_embeddings", "ours"),
+        ("baseline: PyAV all frames (defaults) + open_clip x12 + mean", "plain"),
+        ("tuned baseline: same, PyAV thread_type AUTO", "tuned"),
+    ]
+    print("| pipeline | median wall (s) | videos/s | ours / this (videos/s) | runs (s) |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for label, key in rows:
+        ratio = "" if key == "ours" else f"**{med[key] / med['ours']:.2f}x**"
+        print(f"| {label} | {med[key]:.2f} | {n / med[key]:.3f} | {ratio} | {', '.join(f'{t:.2f}' for t in times[key])} |")
+    if prof is not None:
+        print()
+        print("Profile, seconds per video, each stage measured apart (one process, no overlap):")
+        print()
+        print("| stage | ours | baseline | tuned baseline |")
+        print("| --- | ---: | ---: | ---: |")
+        print(f"| decode + preprocess | {prof['ours_decode']:.3f} | {prof['base_decode']:.3f} | {prof['tuned_decode']:.3f} |")
+        print(f"| model | {prof['ours_model']:.3f} | {prof['base_model']:.3f} | {prof['base_model']:.3f} |")
+        print(f"| sum | {prof['ours_decode'] + prof['ours_model']:.3f} | {prof['base_decode'] + prof['base_model']:.3f} "
+              f"| {prof['tuned_decode'] + prof['base_model']:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

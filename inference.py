@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Find the frames of a video that match a text query (and search extracted embeddings).
+
+Modes (pick one):
+  --video_path V --query Q [--top_k K]       one video: the INFERENCE RESULTS report
+  --batch_file B.json [--output R.json]      many {"video_path", "query"} pairs -> JSON results
+  --embeddings_dir D --query Q [--top_k K]   rank the videos of an extracted folder by similarity
+  --demo                                     make small videos and run the whole chain end to end
+
+Exit status: 0 success, 1 some pair failed (its result says why), 2 usage error
+(missing file, bad config, weights or checkpoint), 130 interrupted.
+
+The library function is modules.retrieval.batch_retrieve_events, importable from here as
+`from inference import batch_retrieve_events`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+
+__all__ = ["batch_retrieve_events", "build_parser", "main"]
+
+DEMO_QUERY = "a red circle moving from left to right"
+
+
+def __getattr__(name: str):
+    """Lazy re-export, so `--help` and argument errors answer without importing torch."""
+    if name == "batch_retrieve_events":
+        from modules.retrieval import batch_retrieve_events
+
+        return batch_retrieve_events
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modules.cli_support import HelpFormatter, add_logging_arguments, add_model_arguments, int_at_least
+
+    parser = argparse.ArgumentParser(
+        prog="inference.py", description=__doc__.split("\n\n", 1)[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter,
+    )
+    mode = parser.add_argument_group("what to run (one of --video_path, --batch_file, --embeddings_dir, --demo)")
+    mode.add_argument("--video_path", default=None, help="video to search in, with --query")
+    mode.add_argument("--query", default=None, help="text describing the moment (or, with --embeddings_dir, the video)")
+    mode.add_argument("--top_k", type=int_at_least(1), default=None,
+                      help="frames to return (videos with --embeddings_dir) (default: the config's top_k, 5)")
+    mode.add_argument("--batch_file", default=None,
+                      help="JSON list of {\"video_path\", \"query\"} objects (optional per-item \"top_k\"); "
+                           "relative video paths are resolved against the batch file's folder")
+    mode.add_argument("--output", default=None,
+                      help="also write the results as JSON to this file (default: none; --batch_file then prints "
+                           "the JSON to stdout)")
+    mode.add_argument("--embeddings_dir", default=None,
+                      help="folder written by extract_video_embeddings.py: rank its videos by cosine similarity "
+                           "with --query")
+    mode.add_argument("--demo", action="store_true",
+                      help="write two small videos to a temporary folder and run extraction, retrieval and search "
+                           "on them (random CLIP weights when no real ones are available offline, and it says so)")
+
+    model = add_model_arguments(parser)
+    model.add_argument("--num_workers", type=int_at_least(0), default=0,
+                       help="decode worker processes for --batch_file (0 = decode in the main process)")
+    add_logging_arguments(parser, "warnings and errors only, no progress bar")
+    return parser
+
+
+def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    modes = [name for name, on in (("demo", args.demo), ("batch_file", args.batch_file is not None),
+                                   ("embeddings_dir", args.embeddings_dir is not None),
+                                   ("video_path", args.video_path is not None)) if on]
+    if not modes:
+        parser.error("nothing to do: give --video_path with --query, --batch_file, --embeddings_dir with --query, or --demo")
+    if len(modes) > 1:
+        parser.error("choose one of " + ", ".join("--" + m for m in modes))
+    mode = modes[0]
+    if mode in ("video_path", "embeddings_dir") and not (args.query and args.query.strip()):
+        parser.error(f"--{mode} needs --query")
+    if mode in ("batch_file", "demo") and args.query is not None:
+        parser.error(f"--query is not used with --{mode}")
+    return mode
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    mode = _check_mode(parser, args)
+    from modules.cli_support import check_config_file, check_dir, check_file, run_cli, setup_logging
+
+    setup_logging(args.verbose, args.quiet)
+
+    def job() -> int:
+        # cheap checks first: a typo is answered before torch is even imported
+        if mode == "video_path":
+            check_file(args.video_path, "video")
+        elif mode == "batch_file":
+            check_file(args.batch_file, "batch file")
+        elif mode == "embeddings_dir":
+            check_dir(args.embeddings_dir, "embeddings directory")
+        check_config_file(args.config_path)
+        jobs = {"video_path": run_single, "batch_file": run_batch, "embeddings_dir": run_search, "demo": run_demo}
+        return jobs[mode](args)
+
+    return run_cli(job)
+
+
+def _model(args: argparse.Namespace):
+    from modules.retrieval import build_model
+
+    return build_model(args.config_path, device=args.device, checkpoint=args.checkpoint, clip_weights=args.clip_weights)
+
+
+def _write_json(path: str, obj) -> None:
+    from modules.extraction import save_json_atomic
+
+    save_json_atomic(path, obj)
+    print(f"Wrote {path}")
+
+
+def run_single(args: argparse.Namespace) -> int:
+    from modules.retrieval import batch_retrieve_events, format_inference_block
+
+    model = _model(args)
+    result = batch_retrieve_events([{"video_path": args.video_path, "query": args.query}], top_k=args.top_k,
+                                   model=model)[0]
+    print(format_inference_block(result))
+    if args.output:
+        _write_json(args.output, [result])
+    return 0 if result["status"] == "success" else 1
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from modules.retrieval import batch_retrieve_events, load_batch_file
+
+    items = load_batch_file(args.batch_file)
+    model = _model(args) if items else None
+    results = batch_retrieve_events(
+        items, top_k=args.top_k, model=model, num_workers=args.num_workers,
+        base_dir=os.path.dirname(os.path.abspath(args.batch_file)), progress=not args.quiet,
+    ) if items else []
+    errors = sum(1 for r in results if r["status"] != "success")
+    if args.output:
+        for r in results:
+            tag = "ok   " if r["status"] == "success" else "ERROR"
+            detail = f"frames {r['frames']}" if r["status"] == "success" else r["error"]
+            print(f"[{tag}] {r['video_path']} | '{r['query']}': {detail}")
+        _write_json(args.output, results)
+    else:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    print(f"{len(results)} pairs, {len(results) - errors} succeeded, {errors} failed", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from modules.retrieval import format_search_block, search_embeddings
+
+    model = _model(args)
+    search = search_embeddings(model, args.embeddings_dir, args.query, top_k=args.top_k)
+    print(format_search_block(search))
+    if args.output:
+        _write_json(args.output, search)
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Two synthetic videos -> directory extraction -> frame retrieval -> embedding search."""
+    from modules.extraction import _resolve_config, extract_directory_embeddings
+    from modules.module_clip import WeightsError, load_clip_state_dict, random_state_dict
+    from modules.retrieval import (batch_retrieve_events, build_model, format_inference_block,
+                                   format_search_block, search_embeddings)
+    from modules.synthetic_video import MovingShape, write_moving_shapes_video
+
+    config = _resolve_config(args.config_path, args.checkpoint, args.clip_weights)
+    state = None
+    if config.clip_weights != "random":
+        try:  # real weights only if they are already here: the demo never downloads
+            state = load_clip_state_dict(config.clip_weights or config.tempme.base_encoder, download=False)
+            print(f"Demo: using CLIP weights {config.clip_weights or config.tempme.base_encoder}")
+        except WeightsError as err:
+            print(f"Demo: no CLIP weights available offline ({err}).")
+            config.clip_weights = "random"
+    if config.clip_weights == "random":
+        print("Demo: using RANDOM CLIP weights: this shows the pipeline working, the matches are not meaningful. "
+              "Run extraction or inference once without --demo to download the official weights "
+              "(or pass --clip_weights PATH).")
+        state = random_state_dict(config.tempme.base_encoder)
+    model = build_model(device=args.device, checkpoint=args.checkpoint, config=config, clip_state_dict=state)
+
+    with tempfile.TemporaryDirectory(prefix="unified_demo_") as tmp:
+        videos = os.path.join(tmp, "videos")
+        os.makedirs(videos)
+        shapes = {
+            "red_circle_left_to_right.mp4": MovingShape("circle", (220, 30, 30), start=(0.15, 0.5), end=(0.85, 0.5), radius=0.2),
+            "blue_square_moving_up.mp4": MovingShape("square", (30, 60, 220), start=(0.5, 0.8), end=(0.5, 0.2), radius=0.18),
+        }
+        for name, shape in shapes.items():
+            write_moving_shapes_video(os.path.join(videos, name), 45, fps=15, size=(160, 120), shapes=[shape])
+        print(f"Demo: wrote {len(shapes)} videos (3 s, 160x120, 15 fps) to {videos}")
+
+        embeddings = os.path.join(tmp, "embeddings")
+        extracted = extract_directory_embeddings(videos, embeddings, save_format="both", consolidated=True,
+                                                 model=model, num_workers=0, progress=False)
+        print(f"Demo: extracted {extracted['processed']} video embeddings to {embeddings} "
+              f"({extracted['failed']} failed)")
+
+        video = os.path.join(videos, "red_circle_left_to_right.mp4")
+        result = batch_retrieve_events([{"video_path": video, "query": DEMO_QUERY}], top_k=args.top_k, model=model)[0]
+        print(format_inference_block(result))
+        search = search_embeddings(model, embeddings, DEMO_QUERY, top_k=args.top_k)
+        print(format_search_block(search))
+        if args.output:
+            _write_json(args.output, {"retrieval": result, "search": search})
+    ok = result["status"] == "success" and extracted["failed"] == 0
+    print("\nDemo finished: " + ("every stage ran." if ok else "some stage failed (see above)."))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

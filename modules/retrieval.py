@@ -1,0 +1,371 @@
+"""Query-to-frame retrieval and embedding search: the library behind ``inference.py``.
+
+- :func:`batch_retrieve_events`: many (video, query) pairs -> one result dict each, with
+  ``status`` "success" or "error" (a bad pair never stops the others). Each video is
+  decoded and encoded once however many queries ask about it; decoding can run in worker
+  processes (``num_workers``), overlapping the model.
+- :func:`search_embeddings`: rank the videos of an extracted embeddings folder by cosine
+  similarity with a text query.
+- :func:`format_inference_block` / :func:`format_search_block`: the printed reports.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from modules.extraction import (
+    CONSOLIDATED_INDEX,
+    CONSOLIDATED_NPY,
+    DecodedVideo,
+    DecodePool,
+    UsageError,
+    _resolve_config,
+    build_inference_model,
+    decode_video,
+    normalize_uint8,
+)
+from modules.video_sampler import SampledVideo
+
+__all__ = [
+    "build_model",
+    "batch_retrieve_events",
+    "load_batch_file",
+    "load_embedding_index",
+    "search_embeddings",
+    "format_inference_block",
+    "format_search_block",
+]
+
+logger = logging.getLogger(__name__)
+
+RULE = "=" * 50
+
+
+def build_model(config_path=None, device: str = "auto", checkpoint=None, clip_weights: Optional[str] = None,
+                config=None, clip_state_dict=None, merge_lora: bool = True):
+    """An eval-mode model for inference, built as extraction builds it (same seed, LoRA merged).
+
+    Bad config, weights, checkpoint or device raise ConfigError, WeightsError,
+    CheckpointError or UsageError with a one-line message.
+    """
+    if config is None:
+        config = _resolve_config(config_path, checkpoint, clip_weights)
+    elif clip_weights is not None:
+        config.clip_weights = clip_weights
+    return build_inference_model(config, device=device, checkpoint=checkpoint, clip_state_dict=clip_state_dict,
+                                 merge_lora=merge_lora)
+
+
+# ----------------------------------------------------------------------------- batch retrieval
+
+
+def _result(video_path: Any, query: Any, status: str = "success", error: Optional[str] = None) -> Dict[str, Any]:
+    return {"video_path": video_path, "query": query, "frames": [], "scores": [], "segments": [],
+            "inference_time": 0.0, "status": status, "error": error}
+
+
+def _sampled_from_decoded(decoded: DecodedVideo) -> SampledVideo:
+    return SampledVideo(
+        frames=torch.empty(0), frame_indices=torch.from_numpy(decoded.frame_indices),
+        timestamps=torch.from_numpy(decoded.timestamps), fps=decoded.fps, duration=decoded.duration,
+        num_frames=decoded.num_frames, path=decoded.path,
+    )
+
+
+def batch_retrieve_events(
+    video_queries: Sequence[Dict[str, Any]],
+    config_path: Optional[Union[str, os.PathLike]] = None,
+    top_k: Optional[int] = None,
+    device: str = "auto",
+    *,
+    model=None,
+    clip_weights: Optional[str] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    num_workers: int = 0,
+    base_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = False,
+) -> List[Dict[str, Any]]:
+    """Retrieve the frames matching each query in its video.
+
+    Args:
+        video_queries: items ``{"video_path": str, "query": str}`` (optionally
+            ``"top_k": int``). Malformed items become error results.
+        config_path, device, clip_weights, checkpoint: how to build the model (ignored
+            when ``model`` is given).
+        top_k: frames per query (default: the config's top_k).
+        num_workers: decode processes (0 = decode in this process).
+        base_dir: folder that relative video paths are resolved against (default: the
+            current directory; ``inference.py --batch_file`` passes the batch file's folder).
+        progress: show a tqdm bar over the videos.
+
+    Returns:
+        One dict per input item, in input order: video_path, query, frames (original frame
+        numbers, best first), scores (cosine similarities), segments (per frame: frame,
+        score, start_frame, end_frame, start_time, end_time, timestamp), inference_time
+        (seconds for this pair; a video's decode and encode are shared equally among the
+        queries about it), status ("success" | "error"), error (None or one line).
+    """
+    from tqdm import tqdm
+
+    from unified_model import _rank_hits
+
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"top_k must be >= 1, got {top_k}")
+    results: List[Dict[str, Any]] = []
+    by_video: "OrderedDict[str, List[int]]" = OrderedDict()
+    for i, item in enumerate(video_queries):
+        problem = _item_problem(item)
+        if problem is not None:
+            vp = item.get("video_path") if isinstance(item, dict) else None
+            q = item.get("query") if isinstance(item, dict) else None
+            results.append(_result(vp, q, "error", problem))
+            continue
+        results.append(_result(item["video_path"], item["query"]))
+        path = item["video_path"]
+        if base_dir is not None and not os.path.isabs(path):
+            path = os.path.join(os.fspath(base_dir), path)
+        by_video.setdefault(path, []).append(i)
+    if not by_video:
+        return results
+    if model is None:
+        model = build_model(config_path, device=device, checkpoint=checkpoint, clip_weights=clip_weights)
+    default_k = model.config.top_k if top_k is None else top_k
+    pool = DecodePool(num_workers, max_in_flight=2 * max(1, num_workers), log_level=logging.getLogger().getEffectiveLevel())
+    stream = pool.imap_unordered(
+        decode_video, ((p, model.config.num_segments, model.config.video_size) for p in by_video),
+        on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
+    )
+    bar = tqdm(total=len(by_video), unit="video", desc="retrieving", disable=not progress)
+    try:
+        for (path, _, _), decoded in stream:
+            indices = by_video[path]
+            start = time.perf_counter()
+            if not decoded.ok:
+                for i in indices:
+                    results[i].update(status="error", error=f"{path}: {decoded.error}",
+                                      inference_time=round(decoded.seconds / len(indices), 4))
+                bar.update(1)
+                continue
+            try:
+                with torch.inference_mode():
+                    features = model.encode_videos(normalize_uint8(decoded.frames).unsqueeze(0))
+                    texts = model.encode_text([str(video_queries[i]["query"]) for i in indices])
+                    scores = texts @ features.frame_features[0].T  # (Q, F)
+            except Exception as err:  # noqa: BLE001 - one bad video must not stop the batch
+                message = " ".join(f"model error: {type(err).__name__}: {err}".split())
+                for i in indices:
+                    results[i].update(status="error", error=f"{path}: {message}")
+                bar.update(1)
+                continue
+            shared = (decoded.seconds + time.perf_counter() - start) / len(indices)
+            sampled = _sampled_from_decoded(decoded)
+            reps = features.representatives[0].cpu()
+            for row, i in enumerate(indices):
+                t0 = time.perf_counter()
+                k = video_queries[i].get("top_k", default_k)
+                hits = _rank_hits(scores[row].cpu(), features.groups[0], reps, sampled, k)
+                results[i].update(
+                    frames=[h.frame for h in hits],
+                    scores=[round(h.score, 6) for h in hits],
+                    segments=[{**h.to_dict(), "score": round(h.score, 6)} for h in hits],
+                    inference_time=round(shared + time.perf_counter() - t0, 4),
+                )
+            bar.update(1)
+    finally:
+        stream.close()
+        bar.close()
+    return results
+
+
+def _item_problem(item: Any) -> Optional[str]:
+    if not isinstance(item, dict):
+        return f"expected an object with video_path and query, got {type(item).__name__}"
+    for key in ("video_path", "query"):
+        value = item.get(key)
+        if not isinstance(value, str) or not value.strip():
+            return f"missing or empty {key!r}"
+    k = item.get("top_k")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        return f"top_k must be a positive integer, got {k!r}"
+    return None
+
+
+def load_batch_file(path: Union[str, os.PathLike]) -> List[Any]:
+    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]})."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise UsageError(f"batch file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read batch file ({err})") from None
+    if isinstance(data, dict) and isinstance(data.get("queries"), list):
+        data = data["queries"]
+    if not isinstance(data, list):
+        raise UsageError(f"{path}: expected a JSON list of {{\"video_path\": ..., \"query\": ...}} objects")
+    return data
+
+
+# ----------------------------------------------------------------------------- embedding search
+
+
+def load_embedding_index(embeddings_dir: Union[str, os.PathLike]) -> Tuple[List[str], List[Optional[str]], np.ndarray, str, Dict[str, Any]]:
+    """Embeddings written by extract_video_embeddings.py.
+
+    Uses ``embeddings.npy`` + ``embeddings_index.json`` (written by ``--consolidated``)
+    when present, otherwise every ``*_embedding.npy`` / ``*_embedding.json`` below the folder.
+
+    Returns:
+        (names, video_paths (None where unknown), matrix (M, D) float32, source description,
+        model info recorded at extraction time or {}).
+    """
+    root = os.fspath(embeddings_dir)
+    if not os.path.isdir(root):
+        raise UsageError(f"embeddings directory not found: {root}")
+    index_path = os.path.join(root, CONSOLIDATED_INDEX)
+    matrix_path = os.path.join(root, CONSOLIDATED_NPY)
+    if os.path.isfile(index_path) and os.path.isfile(matrix_path):
+        try:
+            with open(index_path, encoding="utf-8") as fh:
+                index = json.load(fh)
+            matrix = np.load(matrix_path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"{index_path}: cannot read the consolidated embeddings ({err})") from None
+        names = list(index.get("names", []))
+        if matrix.ndim != 2 or len(names) != matrix.shape[0]:
+            raise UsageError(f"{matrix_path}: {matrix.shape} rows do not match the {len(names)} names in {index_path}")
+        paths = list(index.get("video_paths", [None] * len(names)))
+        return names, paths, np.asarray(matrix, dtype=np.float32), f"{CONSOLIDATED_NPY} + {CONSOLIDATED_INDEX}", index.get("model", {})
+    found: Dict[str, Dict[str, str]] = {}  # name -> {"npy": file, "json": file}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for fname in files:
+            for kind in ("npy", "json"):
+                suffix = f"_embedding.{kind}"
+                if fname.endswith(suffix) and not fname.startswith("."):
+                    name = os.path.relpath(os.path.join(folder, fname[: -len(suffix)]), root).replace(os.sep, "/")
+                    found.setdefault(name, {})[kind] = os.path.join(folder, fname)
+    names, paths, rows = [], [], []
+    for name in sorted(found):
+        files = found[name]
+        try:
+            data = {}
+            if "json" in files:
+                with open(files["json"], encoding="utf-8") as fh:
+                    data = json.load(fh)
+            if "npy" in files:
+                vector = np.load(files["npy"], allow_pickle=False)
+            else:
+                vector = np.asarray(data["embedding"], dtype=np.float32)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s: unreadable embedding file skipped (%s)", name, err)
+            continue
+        names.append(name)
+        paths.append(data.get("video_path") if isinstance(data, dict) else None)
+        rows.append(np.asarray(vector, dtype=np.float32).reshape(-1))
+    if not rows:
+        raise UsageError(f"no embeddings in {root} (expected *_embedding.npy / *_embedding.json or {CONSOLIDATED_NPY})")
+    dims = {r.shape[0] for r in rows}
+    if len(dims) != 1:
+        raise UsageError(f"{root}: embeddings of different sizes {sorted(dims)}")
+    return names, paths, np.stack(rows), "per-video files", {}
+
+
+def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str, top_k: Optional[int] = None) -> Dict[str, Any]:
+    """Rank the videos of an extracted folder by cosine similarity with ``query``.
+
+    Returns {"query", "embeddings_dir", "source", "num_videos", "results": [{rank, name,
+    video_path, score}], "search_time"}.
+    """
+    start = time.perf_counter()
+    names, paths, matrix, source, info = load_embedding_index(embeddings_dir)
+    k = model.config.top_k if top_k is None else top_k
+    if k < 1:
+        raise UsageError(f"top_k must be >= 1, got {k}")
+    with torch.inference_mode():
+        text = model.encode_text([query])[0].float().cpu().numpy()
+    if matrix.shape[1] != text.shape[0]:
+        raise UsageError(f"{embeddings_dir}: embeddings have {matrix.shape[1]} dimensions, "
+                         f"the model's text embeddings {text.shape[0]}: extracted with another model")
+    _warn_if_other_model(info, model, embeddings_dir)
+    norms = np.linalg.norm(matrix, axis=1)
+    scores = (matrix @ text) / np.maximum(norms, 1e-12)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return {
+        "query": query,
+        "embeddings_dir": os.fspath(embeddings_dir),
+        "source": source,
+        "num_videos": len(names),
+        "results": [{"rank": r + 1, "name": names[i], "video_path": paths[i], "score": round(float(scores[i]), 6)}
+                    for r, i in enumerate(order)],
+        "search_time": round(time.perf_counter() - start, 4),
+    }
+
+
+def _warn_if_other_model(info: Dict[str, Any], model, embeddings_dir) -> None:
+    """Embeddings and text must come from the same model; say so when the index disagrees."""
+    if not info:
+        return
+    here = {"clip_weights": model.config.clip_weights, "config": model.config.to_dict()}
+    for key in ("clip_weights", "config"):
+        if key in info and info[key] != here[key]:
+            logger.warning("%s was extracted with a different %s than this model uses; scores may be meaningless",
+                           embeddings_dir, key)
+            return
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def format_inference_block(result: Dict[str, Any]) -> str:
+    """The INFERENCE RESULTS report of one (video, query) result."""
+    lines = [
+        "",
+        "INFERENCE RESULTS",
+        RULE,
+        f"Video: {result['video_path']}",
+        f"Query: '{result['query']}'",
+    ]
+    if result["status"] != "success":
+        lines.append(f"Error: {result['error']}")
+        return "\n".join(lines)
+    lines += [
+        f"Relevant frames: {result['frames']}",
+        f"Number of frames: {len(result['frames'])}",
+        f"Inference time: {result['inference_time']:.2f}s",
+        "Time spans (best first):",
+    ]
+    for rank, seg in enumerate(result["segments"], 1):
+        lines.append(
+            f"  {rank}. frame {seg['frame']} at {seg['timestamp']:.2f}s: "
+            f"{seg['start_time']:.2f}s-{seg['end_time']:.2f}s (frames {seg['start_frame']}-{seg['end_frame']}), "
+            f"score {seg['score']:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def format_search_block(search: Dict[str, Any]) -> str:
+    """The SEARCH RESULTS report of :func:`search_embeddings`."""
+    lines = [
+        "",
+        "SEARCH RESULTS",
+        RULE,
+        f"Embeddings: {search['embeddings_dir']} ({search['num_videos']} videos, from {search['source']})",
+        f"Query: '{search['query']}'",
+        f"Top {len(search['results'])} videos:",
+    ]
+    for hit in search["results"]:
+        where = f"  ({hit['video_path']})" if hit["video_path"] else ""
+        lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {hit['name']}{where}")
+    lines.append(f"Search time: {search['search_time']:.2f}s")
+    return "\n".join(lines)

@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "create_unified_model",
     "resolve_device",
+    "rank_hits",
     "CHECKPOINT_FORMAT_VERSION",
 ]
 
@@ -101,11 +102,21 @@ class FrameHit:
 class UnifiedTempMeSTOPModel(nn.Module):
     """CLIP ViT with TempMe merging + LoRA and STOP prompts, and a meanP/seqTransf head."""
 
-    def __init__(self, config: UnifiedModelConfig, clip_state_dict: Optional[Dict[str, torch.Tensor]] = None):
+    def __init__(self, config: UnifiedModelConfig, clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                 init_seed: int = 0):
         super().__init__()
         self.config = config
         if clip_state_dict is None:
             clip_state_dict = load_or_random(config.clip_weights, base_name=config.tempme.base_encoder)
+        # The tensors a checkpoint would provide (LoRA A, prompts, head) start from a fixed
+        # seed, so untrained models built in different processes (torchrun ranks, extraction
+        # and inference runs) compute in the same embedding space. The global RNG is untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            self._build(config, clip_state_dict)
+        self.text_lora_merged = False
+
+    def _build(self, config: UnifiedModelConfig, clip_state_dict: Dict[str, torch.Tensor]) -> None:
         self.clip = build_model(clip_state_dict)
         self.clip.requires_grad_(False)
         visual = self.clip.visual
@@ -140,7 +151,6 @@ class UnifiedTempMeSTOPModel(nn.Module):
                 self.head.init_from_clip(self.clip)
             except ValueError as err:  # e.g. a small CLIP with fewer text blocks than cross-base
                 raise ConfigError("stop.sim_header", f"seqTransf cannot start from these CLIP weights: {err}") from None
-        self.text_lora_merged = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -244,7 +254,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
         features = self.encode_videos(sampled.frames.unsqueeze(0))
         text = self.encode_text([query])[0]
         scores = features.frame_features[0] @ text  # (F,)
-        return _rank_hits(scores.cpu(), features.groups[0], features.representatives[0].cpu(), sampled, top_k)
+        return rank_hits(scores.cpu(), features.groups[0], features.representatives[0].cpu(), sampled, top_k)
 
     def forward(self, video_path: Union[str, os.PathLike], query: str) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (similarity_scores (K,), frame_indices (K,)): every distinct hit, best first."""
@@ -347,7 +357,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
         return payload
 
 
-def _rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: torch.Tensor,
+def rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: torch.Tensor,
                sampled: SampledVideo, top_k: Optional[int]) -> List[FrameHit]:
     """Sort groups by score and express them in original frame numbers and seconds."""
     num = len(sampled.frame_indices)

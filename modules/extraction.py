@@ -870,35 +870,27 @@ def _resolve_config(config_path, checkpoint, clip_weights):
     return config
 
 
-#: seed for the tensors a checkpoint would otherwise provide (prompts, LoRA A, head)
-MODEL_INIT_SEED = 0
-
-
 def build_inference_model(config=None, device: str = "auto", checkpoint=None, clip_state_dict=None,
-                          merge_lora: bool = True, seed: int = MODEL_INIT_SEED):
+                          merge_lora: bool = True):
     """An eval-mode model, identical in every process that builds it with the same inputs.
 
-    Without a checkpoint the STOP prompt modules (and LoRA A) are randomly initialised;
-    building under a fixed seed makes a resumed run, every torchrun rank and inference.py
-    compute in the same embedding space. The global RNG state is left untouched.
-    LoRA is folded into the CLIP weights (same outputs, less compute) unless
-    ``merge_lora`` is False. Raises ConfigError / WeightsError / CheckpointError /
-    UsageError (device) with one-line messages.
+    (The model seeds its own untrained tensors, so ranks and runs agree.) LoRA is folded
+    into the CLIP weights (same outputs, less compute) unless ``merge_lora`` is False.
+    Raises ConfigError / WeightsError / CheckpointError / UsageError (device) with
+    one-line messages.
     """
     from config import UnifiedModelConfig
     from unified_model import UnifiedTempMeSTOPModel, create_unified_model, resolve_device
 
     config = config if config is not None else UnifiedModelConfig()
     check_device(device, config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if clip_state_dict is None:
-            model = create_unified_model(device=device, checkpoint=checkpoint, config=config)
-        else:
-            model = UnifiedTempMeSTOPModel(config, clip_state_dict)
-            if checkpoint is not None:
-                model.load_checkpoint(checkpoint)
-            model = model.to(resolve_device(config.device if device in (None, "auto") else device)).eval()
+    if clip_state_dict is None:
+        model = create_unified_model(device=device, checkpoint=checkpoint, config=config)
+    else:
+        model = UnifiedTempMeSTOPModel(config, clip_state_dict)
+        if checkpoint is not None:
+            model.load_checkpoint(checkpoint)
+        model = model.to(resolve_device(config.device if device in (None, "auto") else device)).eval()
     if merge_lora:
         model.merge_lora()
     return model

@@ -114,7 +114,7 @@ def batch_retrieve_events(
     """
     from tqdm import tqdm
 
-    from unified_model import _rank_hits
+    from unified_model import rank_hits
 
     if top_k is not None and top_k < 1:
         raise UsageError(f"top_k must be >= 1, got {top_k}")
@@ -170,7 +170,7 @@ def batch_retrieve_events(
             for row, i in enumerate(indices):
                 t0 = time.perf_counter()
                 k = video_queries[i].get("top_k", default_k)
-                hits = _rank_hits(scores[row].cpu(), features.groups[0], reps, sampled, k)
+                hits = rank_hits(scores[row].cpu(), features.groups[0], reps, sampled, k)
                 results[i].update(
                     frames=[h.frame for h in hits],
                     scores=[round(h.score, 6) for h in hits],

@@ -251,3 +251,15 @@ def test_seqtransf_needs_enough_text_blocks():
     state = small_clip_state_dict(text_layers=2)
     with pytest.raises(ConfigError, match="stop.sim_header"):
         UnifiedTempMeSTOPModel(from_dict(small_config_dict(sim_header="seqTransf")), state)
+
+
+def test_untrained_models_agree_across_builds(default_model, clip_state):
+    """Untrained tensors come from a fixed seed: separate processes embed into one space."""
+    torch.manual_seed(123)
+    state_before = torch.get_rng_state()
+    again = UnifiedTempMeSTOPModel(_config(num_segments=32), clip_state).eval()
+    assert torch.equal(torch.get_rng_state(), state_before)  # global RNG untouched
+    for (name, a), (_, b) in zip(default_model.named_parameters(), again.named_parameters()):
+        assert torch.equal(a, b), name
+    other = UnifiedTempMeSTOPModel(_config(num_segments=32), clip_state, init_seed=1)
+    assert not torch.equal(other.temporal_prompts.base_prompts, again.temporal_prompts.base_prompts)

@@ -179,12 +179,8 @@ def _attention(block: nn.Module, lora: Optional[LoRAQKV], state: TokenState, bia
     h = block.ln_1(state.x)
     delta = lora(h) if lora is not None else None
     q, k, v = block.attn.project_qkv(h, qkv_delta=delta)
-    # Explicit matmuls rather than scaled_dot_product_attention: the same math, but
-    # torch.utils.flop_counter does not count SDPA's CPU kernel, and cost is a reported number.
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if bias is not None:
-        scores = scores + bias
-    out = scores.softmax(dim=-1) @ v
+    # SDPA (flop_counter counts its CPU kernel once modules.module_clip is imported).
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     x = state.x + block.attn.project_out(out)
     return x, k.mean(dim=1)
 

@@ -25,6 +25,7 @@ __all__ = [
     "to_json",
     "from_dict",
     "parse_int_list",
+    "read_json_object",
     "ENCODER_DEPTH",
 ]
 
@@ -393,8 +394,8 @@ def from_dict(data: Dict[str, Any]) -> UnifiedModelConfig:
     return UnifiedModelConfig.from_dict(data)
 
 
-def from_json(path: Union[str, os.PathLike]) -> UnifiedModelConfig:
-    """Read a config file; a missing file or bad JSON is a one-line ConfigError."""
+def read_json_object(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The JSON object in a config file; a missing file or bad JSON is a one-line ConfigError."""
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -405,10 +406,18 @@ def from_json(path: Union[str, os.PathLike]) -> UnifiedModelConfig:
         raise ConfigError("", f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except OSError as err:
         raise ConfigError("", f"{path}: cannot read config ({err.strerror})") from None
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a JSON object")
+    return data
+
+
+def from_json(path: Union[str, os.PathLike]) -> UnifiedModelConfig:
+    """Read and validate a config file; every problem is a one-line ConfigError."""
+    data = read_json_object(path)
     try:
         return from_dict(data)
     except ConfigError as err:
-        raise ConfigError(err.key, f"{err.message} (in {path})") from None
+        raise ConfigError(err.key, f"{err.message} (in {os.fspath(path)})") from None
 
 
 def to_json(config: UnifiedModelConfig, path: Union[str, os.PathLike]) -> None:

@@ -12,13 +12,12 @@ and a one-line message naming its dotted key (e.g. ``training.batch_size: ...``)
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from config import ConfigError, TRAINING_MODES, DATATYPES
+from config import ConfigError, TRAINING_MODES, DATATYPES, read_json_object
 
 DEFAULT_CONFIG = os.path.join("configs", "training_config.json")
 logger = logging.getLogger("train_unified_model")
@@ -69,22 +68,6 @@ _TRAINING_OVERRIDES = {
 }
 
 
-def read_config_dict(path: str) -> Dict[str, Any]:
-    """The JSON object in ``path`` (ConfigError with a one-line reason otherwise)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError("", f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise ConfigError("", f"{path}: cannot read config ({err.strerror})") from None
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a JSON object")
-    return data
-
-
 def apply_overrides(data: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
     """Command-line values replace the config's (validation happens afterwards, on the result)."""
     training = dict(data.get("training") or {})
@@ -123,7 +106,7 @@ def validate(args: argparse.Namespace):
     from modules.training import load_training_config
     from unified_model import resolve_device
 
-    config = load_training_config(apply_overrides(read_config_dict(args.config), args))
+    config = load_training_config(apply_overrides(read_json_object(args.config), args))
     check_data_paths(config.training, need_train=not args.eval_only)
     weights = config.clip_weights
     if weights not in (None, "random") and not os.path.isfile(weights) and weights not in _known_clip_names():

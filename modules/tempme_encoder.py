@@ -15,9 +15,8 @@ bookkeeping (token sizes, number of protected tokens, frames per sequence) trave
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -32,6 +32,7 @@ __all__ = [
     "TempMeEncoder",
     "clip_merge_counts",
     "intra_merge_count",
+    "block_merge_counts",
     "regroup_clips",
     "merge_trace",
 ]
@@ -104,6 +105,22 @@ def clip_merge_counts(tokens: int, protected: int, factor: int, clip_ratio: floa
 def intra_merge_count(tokens: int, protected: int, intra_ratio: float) -> int:
     """Tokens removed by the intra-clip merge of a block after the last merge layer."""
     return min(int(tokens * intra_ratio), (tokens - protected) // 2)
+
+
+def block_merge_counts(schedule: MergeSchedule, layer: int, tokens: int, protected: int) -> Tuple[int, int, int]:
+    """What block ``layer`` merges: (clip factor k, r0 before attention, r_intra after it).
+
+    ``tokens`` and ``protected`` are per sequence entering the block. ImgMe blocks (before
+    the first merge layer, or all blocks when there is none) merge ``tome_r`` per frame;
+    a merge layer joins k sequences and merges r0 across clips; later blocks merge R_I.
+    """
+    factor = schedule.factor_at(layer)
+    if factor > 1:
+        r0, r1 = clip_merge_counts(tokens, protected, factor, schedule.clip_ratio, schedule.intra_ratio)
+        return factor, r0, r1
+    if not schedule.merge_layers or layer < schedule.merge_layers[0]:
+        return 1, 0, min(schedule.tome_r, (tokens - protected) // 2)
+    return 1, 0, intra_merge_count(tokens, protected, schedule.intra_ratio)
 
 
 def regroup_clips(x: torch.Tensor, factor: int, protected: int) -> torch.Tensor:
@@ -265,19 +282,14 @@ class TempMeEncoder(nn.Module):
             protected += prompts.num_prompts
         state = TokenState(x=x, size=size.contiguous(), protected=protected, frames_per_seq=1)
 
-        first_merge = self.schedule.merge_layers[0] if self.schedule.merge_layers else len(visual.transformer.resblocks)
         for layer, block in enumerate(visual.transformer.resblocks):
             if prompts is not None:
                 layer_prompts = prompts.base[layer] + prompts.dynamic  # (B, F, P, C)
                 seqs = state.x.shape[0]
                 state = _set_prompt_slots(state, layer_prompts.reshape(seqs, state.frames_per_seq, prompts.num_prompts, channels))
-            factor = self.schedule.factor_at(layer)
+            factor, r_clip, r_intra = block_merge_counts(self.schedule, layer, state.x.shape[1], state.protected)
             if factor > 1:
-                state, r_intra = self._join_clips(state, layer, factor, batch)
-            elif layer < first_merge:
-                r_intra = min(self.schedule.tome_r, (state.x.shape[1] - state.protected) // 2)
-            else:
-                r_intra = intra_merge_count(state.x.shape[1], state.protected, self.schedule.intra_ratio)
+                state = self._join_clips(state, layer, factor, r_clip, batch)
             x, metric = _attention(block, self._lora(layer), state, self._bias(state, prompts, layer))
             state = _merge(state, metric, r_intra, x=x)
             state = replace(state, x=state.x + block.mlp(block.ln_2(state.x)))
@@ -285,10 +297,9 @@ class TempMeEncoder(nn.Module):
         cls = self._frame_cls(state, batch, prompts.num_prompts if prompts is not None else 0)
         return cls, state
 
-    def _join_clips(self, state: TokenState, layer: int, factor: int, batch: int) -> Tuple[TokenState, int]:
-        """ClipMe step before attention: regroup, add clip positions, cross-clip merge."""
-        tokens, protected = state.x.shape[1], state.protected
-        r0, r1 = clip_merge_counts(tokens, protected, factor, self.schedule.clip_ratio, self.schedule.intra_ratio)
+    def _join_clips(self, state: TokenState, layer: int, factor: int, r_clip: int, batch: int) -> TokenState:
+        """ClipMe step before attention: regroup, add clip positions, merge ``r_clip`` across clips."""
+        protected = state.protected
         metric = regroup_clips(state.x.detach(), factor, protected)
         x = state.x
         if self.clip_pos is not None:
@@ -301,7 +312,7 @@ class TempMeEncoder(nn.Module):
             protected=protected * factor,
             frames_per_seq=state.frames_per_seq * factor,
         )
-        return _merge(joined, metric, r0), r1
+        return _merge(joined, metric, r_clip)
 
     @staticmethod
     def _frame_cls(state: TokenState, batch: int, num_prompts: int) -> torch.Tensor:
@@ -316,16 +327,9 @@ def merge_trace(schedule: MergeSchedule, num_frames: int, depth: int = 12, token
 
     For the TempMe defaults on ViT-B/32 this ends at (11, 1, 97): 12 CLS + 85 merged tokens.
     """
-    first_merge = schedule.merge_layers[0] if schedule.merge_layers else depth
     seqs, trace = num_frames, []
     for layer in range(depth):
-        factor = schedule.factor_at(layer)
-        if factor > 1:
-            r0, r1 = clip_merge_counts(tokens, protected, factor, schedule.clip_ratio, schedule.intra_ratio)
-            tokens, protected, seqs = tokens * factor - r0 - r1, protected * factor, seqs // factor
-        elif layer < first_merge:
-            tokens -= min(schedule.tome_r, (tokens - protected) // 2)
-        else:
-            tokens -= intra_merge_count(tokens, protected, schedule.intra_ratio)
+        factor, r_clip, r_intra = block_merge_counts(schedule, layer, tokens, protected)
+        tokens, protected, seqs = tokens * factor - r_clip - r_intra, protected * factor, seqs // factor
         trace.append((layer, seqs, tokens))
     return trace

@@ -20,10 +20,11 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
+from modules.module_clip import Attention
+
 __all__ = [
     "TemporalPromptGenerator",
     "SpatialPromptGenerator",
-    "TokenSelfAttention",
     "minmax_normalize_frames",
     "straight_through_topk_mask",
     "parse_temporal_prompt",
@@ -133,36 +134,6 @@ def straight_through_topk_mask(
 # --------------------------------------------------------------------------------------
 # Components
 # --------------------------------------------------------------------------------------
-class TokenSelfAttention(nn.Module):
-    """Multi-head self-attention over one sequence per video.
-
-    Written with explicit matmuls: torch.utils.flop_counter misses both
-    nn.MultiheadAttention's fused inference path and, on CPU, the
-    _scaled_dot_product_flash_attention_for_cpu kernel behind F.scaled_dot_product_attention.
-    At F*L = 588 tokens and d_p = 96 the explicit (B, heads, L, L) scores are small.
-
-    forward(x (B, L, dim)) -> (B, L, dim)
-    """
-
-    def __init__(self, dim: int, num_heads: int) -> None:
-        super().__init__()
-        if dim % num_heads != 0:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
-        self.dim = dim
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, length, d = x.shape
-        h = self.num_heads
-        qkv = self.qkv(x).reshape(b, length, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (B, heads, L, head_dim)
-        attn = torch.softmax((q * (d // h) ** -0.5) @ k.transpose(-1, -2), dim=-1)
-        y = attn @ v
-        return self.out(y.transpose(1, 2).reshape(b, length, d))
-
-
 class TemporalPromptGenerator(nn.Module):
     """STOP inter-frame (temporal) prompts at reduced width (DESIGN 2.6).
 
@@ -210,7 +181,7 @@ class TemporalPromptGenerator(nn.Module):
         self.dynamic_scale = dynamic_scale
 
         self.in_proj = nn.Linear(width, prompt_dim)
-        self.attn = TokenSelfAttention(prompt_dim, num_heads)
+        self.attn = Attention(prompt_dim, num_heads)
         k = (3, 15, 25)  # (frame, token, channel) as in the reference
         pad = tuple((s - 1) // 2 for s in k)
         self.volume_conv = nn.Sequential(

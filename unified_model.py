@@ -13,6 +13,7 @@ Library entry point: :func:`create_unified_model`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -446,7 +447,7 @@ def create_unified_model(
                 raise ConfigError(key, f"differs between the config and checkpoint {os.fspath(checkpoint)}; "
                                        "omit --config_path to use the checkpoint's own config")
     if clip_weights is not None:
-        config.clip_weights = clip_weights
+        config = dataclasses.replace(config, clip_weights=clip_weights)  # leave the caller's config as it was
     target = resolve_device(config.device if device in (None, "auto") else device)
     model = UnifiedTempMeSTOPModel(config)
     if payload is not None:

@@ -66,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
 
     speed = parser.add_argument_group("speed and scale-out")
-    speed.add_argument("--batch_size", type=int_at_least(1), default=4, help="videos per model forward")
+    speed.add_argument("--batch_size", type=int_at_least(1), default=None,
+                       help="videos per model forward (default: 1 on CPU, 4 on CUDA)")
     speed.add_argument("--num_workers", type=int_at_least(0), default=None,
-                       help="decode worker processes; 0 = decode in the main process "
-                            "(default: half the CPU cores available to each rank, 1 to 8)")
+                       help="decode worker processes, each decoding single-threaded; 0 = decode in the main "
+                            "process (default: half the CPU cores available to each rank, 1 to 8)")
+    speed.add_argument("--parallel_batches", type=int_at_least(1), default=None,
+                       help="on CPU, model forwards running at once, each on the rank's torch threads divided "
+                            "by this (default: one per torch thread, at most 4; always 1 on CUDA)")
     speed.add_argument("--shard", type=int_at_least(0), default=None,
                        help="process only share SHARD of --num_shards (round-robin over the sorted list), for "
                             "shards run as separate jobs without torchrun (default: all videos)")
@@ -101,6 +105,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 consolidated=args.consolidated, summary=args.summary, device=args.device,
                 clip_weights=args.clip_weights, checkpoint=args.checkpoint, recursive=args.recursive,
                 extensions=args.extensions, batch_size=args.batch_size, num_workers=args.num_workers,
+                parallel_batches=args.parallel_batches,
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
             )

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from modules.cli_support import UsageError
-from modules.video_sampler import CLIP_MEAN, CLIP_STD, VideoDecodeError, sample_video
+from modules.video_sampler import VideoDecodeError, normalize_uint8, sample_video
 
 __all__ = [
     "DEFAULT_EXTENSIONS",
@@ -69,9 +69,9 @@ __all__ = [
     "output_files",
     "shard_entries",
     "decode_video",
-    "frames_to_uint8",
-    "normalize_uint8",
     "default_num_workers",
+    "default_parallel_batches",
+    "ForwardLanes",
     "write_consolidated",
     "load_embedding",
     "extract_directory_embeddings",
@@ -408,26 +408,6 @@ def _detect_shard(shard: Optional[int], num_shards: Optional[int]) -> ShardInfo:
 # ----------------------------------------------------------------------------- decoding
 
 
-def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """CLIP-normalised float frames (..., 3, S, S) -> the exact uint8 pixels they came from.
-
-    Four times fewer bytes to ship from a decode worker; :func:`normalize_uint8` gives
-    back the sampler's float tensor bit for bit.
-    """
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    pixels = (frames.to(torch.float32) * std + mean).mul_(255.0).round_().clamp_(0, 255)
-    return pixels.to(torch.uint8).numpy()
-
-
-def normalize_uint8(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
-    """uint8 (..., 3, S, S) -> float32 CLIP-normalised, same arithmetic as the sampler."""
-    x = torch.as_tensor(frames).to(torch.float32).div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
-    return x.sub_(mean).div_(std)
-
-
 @dataclass
 class DecodedVideo:
     """What a decode worker sends back for one video (picklable, small)."""
@@ -451,17 +431,21 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "unknown error"
 
 
-def decode_video(path: str, num_segments: int, size: int) -> DecodedVideo:
-    """Sample one video for the model; never raises (errors come back as ``error``)."""
+def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0) -> DecodedVideo:
+    """Sample one video for the model; never raises (errors come back as ``error``).
+
+    ``decoder_threads`` as in :func:`sample_video` (worker processes use 1).
+    """
     start = time.perf_counter()
     try:
         problem = check_video_file(path)
         if problem is not None:
             return DecodedVideo(path=path, error=problem, seconds=time.perf_counter() - start)
-        sampled = sample_video(path, num_segments=num_segments, size=size)
+        sampled = sample_video(path, num_segments=num_segments, size=size, decoder_threads=decoder_threads,
+                               normalize=False)
         return DecodedVideo(
             path=path,
-            frames=frames_to_uint8(sampled.frames),
+            frames=sampled.frames.numpy(),
             frame_indices=sampled.frame_indices.numpy().astype(np.int64),
             timestamps=sampled.timestamps.numpy().astype(np.float64),
             duration=float(sampled.duration),
@@ -637,6 +621,74 @@ class PoolRun:
             DecodePool._shutdown(self.executor)
             self.executor = None
         self.in_flight.clear()
+
+
+def default_parallel_batches(threads: Optional[int] = None) -> int:
+    """Batches the model runs at once on CPU: one per torch thread, at most 4.
+
+    On a few cores, single-threaded forwards side by side beat one forward that splits every
+    matrix product across the cores: they never wait for each other, and a decode worker
+    that takes a core for a moment delays one forward instead of stalling all threads at
+    the next synchronisation point (benchmarks/RESULTS.md).
+    """
+    threads = torch.get_num_threads() if threads is None else threads
+    return max(1, min(4, threads))
+
+
+class ForwardLanes:
+    """Run batches through ``run`` on up to ``lanes`` threads at once (torch releases the GIL).
+
+    ``submit`` and ``drain`` yield the finished batches' results in the caller's thread, so
+    bookkeeping (records, progress bar) stays single-threaded. At most ``lanes`` batches
+    are running or finished-but-unread, which keeps memory flat. ``lanes == 1`` runs
+    each batch inline.
+    """
+
+    def __init__(self, lanes: int, run: Callable[[List[Any]], List[Any]]):
+        self.lanes = max(1, int(lanes))
+        self.run = run
+        self.executor = (concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="forward")
+                         if self.lanes > 1 else None)
+        self.running: set = set()
+
+    def submit(self, batch: List[Any]) -> Iterator[Any]:
+        """Start ``batch``; yields results of batches that finished while lanes were full."""
+        if self.executor is None:
+            yield from self.run(batch)
+            return
+        self.running.add(self.executor.submit(self.run, batch))
+        while len(self.running) >= self.lanes:
+            yield from self._collect()
+
+    def drain(self) -> Iterator[Any]:
+        """Results of every batch still running."""
+        while self.running:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Any]:
+        done, self.running = concurrent.futures.wait(self.running, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            yield from future.result()
+
+    def close(self) -> None:
+        """Wait for running batches, drop queued ones. Safe to call twice."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+            self.executor = None
+        self.running = set()
+
+
+@contextlib.contextmanager
+def _torch_threads(count: Optional[int]) -> Iterator[None]:
+    """Set torch's intra-op thread count for a block (None: leave it), then restore it."""
+    before = torch.get_num_threads()
+    if count is not None and count != before:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def default_num_workers(local_world: int = 1) -> int:
@@ -922,8 +974,9 @@ def extract_directory_embeddings(
     model=None,
     recursive: bool = False,
     extensions: Union[None, str, Sequence[str]] = None,
-    batch_size: int = 4,
+    batch_size: Optional[int] = None,
     num_workers: Optional[int] = None,
+    parallel_batches: Optional[int] = None,
     overwrite: bool = False,
     save_frame_features: bool = False,
     shard: Optional[int] = None,
@@ -950,9 +1003,12 @@ def extract_directory_embeddings(
             checkpoint are ignored and the model is used as it is).
         recursive: descend into subfolders.
         extensions: which file endings count as videos (default ``DEFAULT_EXTENSIONS``).
-        batch_size: videos per model forward.
+        batch_size: videos per model forward (None: 1 on CPU, where one video already
+            fills the matrix units and smaller batches start sooner; 4 on CUDA).
         num_workers: decode processes (None = :func:`default_num_workers`; 0 = decode in
-            this process).
+            this process). Workers decode single-threaded (the least CPU per video).
+        parallel_batches: on CPU, forwards running at once, each on torch's threads
+            divided by this (None = :func:`default_parallel_batches`); 1 on CUDA.
         overwrite: recompute videos whose outputs exist (default: skip them, i.e. resume).
         save_frame_features: also write ``<name>_frames.npz`` (F frame features with their
             original frame numbers, timestamps and time spans).
@@ -979,10 +1035,12 @@ def extract_directory_embeddings(
     output_dir = os.fspath(output_dir)
     if save_format not in SAVE_FORMATS:
         raise UsageError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {save_format!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UsageError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise UsageError(f"num_workers must be >= 0, got {num_workers}")
+    if parallel_batches is not None and parallel_batches < 1:
+        raise UsageError(f"parallel_batches must be >= 1, got {parallel_batches}")
     exts = parse_extensions(extensions)
     shard_info = _detect_shard(shard, num_shards)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -1020,6 +1078,10 @@ def extract_directory_embeddings(
         logger.info("skipping %d videos whose outputs already exist (use --overwrite to redo them)", skipped)
 
     workers = default_num_workers(shard_info.local_world) if num_workers is None else num_workers
+    on_cpu = _compute_device(model, config, device).type == "cpu"
+    batch_size = batch_size if batch_size is not None else (1 if on_cpu else 4)
+    lanes = (parallel_batches or default_parallel_batches()) if on_cpu else 1
+    threads_per_lane = max(1, torch.get_num_threads() // lanes) if lanes > 1 else None
     model_info = {
         "config_path": os.fspath(config_path) if config_path is not None and model is None else None,
         "checkpoint": os.fspath(checkpoint) if checkpoint is not None and model is None else None,
@@ -1029,15 +1091,17 @@ def extract_directory_embeddings(
     failed_count = sum(1 for r in records.values() if r.status == "failed")
     results = None
     bar = None
+    forwards = None
     try:
         if pending:
             # start the decode workers first: they work while the model loads, and they
-            # are forked before any helper thread (tqdm's monitor) exists
-            pool = DecodePool(workers, max_in_flight=batch_size + 2 * max(1, workers),
+            # are forked before any helper thread (tqdm's monitor, forward lanes) exists
+            pool = DecodePool(workers, max_in_flight=batch_size * lanes + 2 * max(1, workers),
                               log_level=logging.getLogger().getEffectiveLevel())
             by_path = {e.path: e for e in pending}
+            decoder_threads = 1 if workers > 0 else 0
             results = pool.imap_unordered(
-                decode_video, ((e.path, config.num_segments, config.video_size) for e in pending),
+                decode_video, ((e.path, config.num_segments, config.video_size, decoder_threads) for e in pending),
                 on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
             )
             if model is None:
@@ -1058,22 +1122,30 @@ def extract_directory_embeddings(
                     bar.set_postfix(failed=failed_count, refresh=False)
                 bar.update(1)
 
+            forwards = ForwardLanes(lanes, lambda items: list(
+                _run_batch(model, items, output_dir, save_format, save_frame_features)))
+
             def flush() -> None:
-                for entry, outcome in _run_batch(model, batch, output_dir, save_format, save_frame_features):
+                for entry, outcome in forwards.submit(list(batch)):
                     finish(entry, outcome)
                 batch.clear()
 
-            for (path, _, _), decoded in results:
-                entry = by_path[path]
-                if not decoded.ok:
-                    finish(entry, _Record(entry.name, entry.path, "failed", decoded.error, decoded.seconds))
-                    continue
-                batch.append((entry, decoded))
-                if len(batch) >= batch_size:
+            with _torch_threads(threads_per_lane):
+                for (path, *_), decoded in results:
+                    entry = by_path[path]
+                    if not decoded.ok:
+                        finish(entry, _Record(entry.name, entry.path, "failed", decoded.error, decoded.seconds))
+                        continue
+                    batch.append((entry, decoded))
+                    if len(batch) >= batch_size:
+                        flush()
+                if batch:
                     flush()
-            if batch:
-                flush()
+                for entry, outcome in forwards.drain():
+                    finish(entry, outcome)
     finally:
+        if forwards is not None:
+            forwards.close()
         if results is not None:
             results.close()  # stops the decode workers, also on errors and Ctrl-C
         if bar is not None:
@@ -1086,7 +1158,7 @@ def extract_directory_embeddings(
     settings = {
         "video_dir": video_dir, "output_dir": output_dir, "save_format": save_format,
         "recursive": recursive, "extensions": list(exts), "batch_size": batch_size,
-        "num_workers": workers, "overwrite": overwrite, "save_frame_features": save_frame_features,
+        "num_workers": workers, "parallel_batches": lanes, "overwrite": overwrite, "save_frame_features": save_frame_features,
         "world_size": shard_info.world,
     }
     result = _result_dict(ordered, elapsed, output_dir)
@@ -1133,6 +1205,15 @@ def extract_directory_embeddings(
 
             dist.destroy_process_group()
     return result
+
+
+def _compute_device(model, config, device: str) -> torch.device:
+    """The device the forwards will run on (the model's, or what ``device`` resolves to)."""
+    from unified_model import resolve_device
+
+    if model is not None:
+        return model.device
+    return resolve_device(config.device if device in (None, "auto") else device)
 
 
 def _result_dict(records: Sequence[_Record], elapsed: float, output_dir: str) -> Dict[str, Any]:

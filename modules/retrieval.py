@@ -29,9 +29,8 @@ from modules.extraction import (
     _resolve_config,
     build_inference_model,
     decode_video,
-    normalize_uint8,
 )
-from modules.video_sampler import SampledVideo
+from modules.video_sampler import SampledVideo, normalize_uint8
 
 __all__ = [
     "build_model",
@@ -139,12 +138,13 @@ def batch_retrieve_events(
     default_k = model.config.top_k if top_k is None else top_k
     pool = DecodePool(num_workers, max_in_flight=2 * max(1, num_workers), log_level=logging.getLogger().getEffectiveLevel())
     stream = pool.imap_unordered(
-        decode_video, ((p, model.config.num_segments, model.config.video_size) for p in by_video),
+        decode_video, ((p, model.config.num_segments, model.config.video_size, 1 if num_workers > 0 else 0)
+                       for p in by_video),
         on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
     )
     bar = tqdm(total=len(by_video), unit="video", desc="retrieving", disable=not progress)
     try:
-        for (path, _, _), decoded in stream:
+        for (path, *_), decoded in stream:
             indices = by_video[path]
             start = time.perf_counter()
             if not decoded.ok:

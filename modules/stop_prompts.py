@@ -23,6 +23,7 @@ from torch import nn
 from modules.module_clip import Attention
 
 __all__ = [
+    "FFTConv3d",
     "TemporalPromptGenerator",
     "SpatialPromptGenerator",
     "minmax_normalize_frames",
@@ -134,6 +135,37 @@ def straight_through_topk_mask(
 # --------------------------------------------------------------------------------------
 # Components
 # --------------------------------------------------------------------------------------
+class FFTConv3d(nn.Conv3d):
+    """``nn.Conv3d`` (stride 1, no dilation or groups) computed with FFTs, for large kernels.
+
+    Same parameters and state-dict layout as the plain layer, same result up to float
+    rounding (the product runs in float32 whatever the input dtype). STOP's temporal
+    prompter convolves 1125-tap (3x15x25) kernels; oneDNN runs its 9 -> 1 channel layer at
+    a few GMAC/s (~280 ms for a batch of 4 videos on 2 CPU cores, against ~20 ms here) and
+    its grouped form stalls for minutes generating bf16 kernels. ``torch.utils.flop_counter``
+    does not count FFTs; they cost about 1/20 of the direct convolution's MACs here.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, padding) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=kernel_size, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, D, H, W) -> (B, out_channels, D', H', W'), as ``F.conv3d`` computes it."""
+        dims = (-3, -2, -1)
+        kernel, pad = self.kernel_size, self.padding
+        # zero padding to the full linear-convolution size: no circular wrap-around
+        full = tuple(n + k - 1 for n, k in zip(x.shape[-3:], kernel))
+        out = tuple(n + 2 * p - k + 1 for n, p, k in zip(x.shape[-3:], pad, kernel))
+        x_f = torch.fft.rfftn(x.float(), s=full, dim=dims)  # (B, C, ...)
+        w_f = torch.fft.rfftn(self.weight.float().flip(dims), s=full, dim=dims)  # (O, C, ...)
+        y_f = (x_f.unsqueeze(1) * w_f.unsqueeze(0)).sum(dim=2)  # (B, O, ...)
+        y = torch.fft.irfftn(y_f, s=full, dim=dims)
+        # cross-correlation with padding p starts at index k - 1 - p of the full convolution
+        start = [k - 1 - p for k, p in zip(kernel, pad)]
+        y = y[..., start[0]:start[0] + out[0], start[1]:start[1] + out[1], start[2]:start[2] + out[2]]
+        return (y + self.bias.float().view(1, -1, 1, 1, 1)).to(x.dtype)
+
+
 class TemporalPromptGenerator(nn.Module):
     """STOP inter-frame (temporal) prompts at reduced width (DESIGN 2.6).
 
@@ -187,7 +219,7 @@ class TemporalPromptGenerator(nn.Module):
         self.volume_conv = nn.Sequential(
             nn.Conv3d(1, 9, kernel_size=k, padding=pad),
             nn.PReLU(),
-            nn.Conv3d(9, 1, kernel_size=k, padding=pad),
+            FFTConv3d(9, 1, kernel_size=k, padding=pad),
         )
         self.token_mlp = nn.Sequential(
             nn.Linear(num_patches, 16),
@@ -196,9 +228,7 @@ class TemporalPromptGenerator(nn.Module):
         )
         self.out_proj = nn.Linear(prompt_dim, width)
         kw = (5, 11, 11)
-        self.frame_weight_conv = nn.Conv3d(
-            1, 1, kernel_size=kw, padding=tuple((s - 1) // 2 for s in kw)
-        )
+        self.frame_weight_conv = FFTConv3d(1, 1, kernel_size=kw, padding=tuple((s - 1) // 2 for s in kw))
 
         self.base_prompts = nn.Parameter(torch.empty(num_layers, num_prompts, width))
         nn.init.normal_(self.base_prompts, std=0.02)

@@ -62,6 +62,8 @@ __all__ = [
     "CLIP_STD",
     "SampledVideo",
     "VideoDecodeError",
+    "h264_is_non_reference",
+    "normalize_uint8",
     "preprocess_frames",
     "probe_video",
     "sample_video",
@@ -185,12 +187,17 @@ def segment_indices(num_frames: int, num_segments: int, offsets: np.ndarray) -> 
 # ----------------------------------------------------------------------------- preprocessing
 
 
-def _normalize_uint8(square: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, S, S, 3) RGB -> float32 (N, 3, S, S) CLIP-normalised."""
-    x = square.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std).contiguous()
+def normalize_uint8(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """uint8 RGB (..., 3, S, S) -> float32 CLIP-normalised ``(x / 255 - CLIP_MEAN) / CLIP_STD``.
+
+    What ``sample_video`` applies to its frames; ``normalize=False`` there returns the
+    uint8 frames (four times fewer bytes to move between processes) and this function
+    turns them into the same float tensor bit for bit.
+    """
+    x = torch.as_tensor(frames).to(torch.float32).div_(255.0)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
 
 
 def _short_side_size(width: int, height: int, size: int) -> tuple[int, int]:
@@ -233,7 +240,7 @@ def preprocess_frames(rgb_uint8: Union[np.ndarray, torch.Tensor], size: int = 22
     # round back to uint8 so this path and the decoder path quantise the same way
     y0, x0 = (new_h - size) // 2, (new_w - size) // 2
     chw = chw[:, :, y0 : y0 + size, x0 : x0 + size].round_().clamp_(0, 255).to(torch.uint8)
-    return _normalize_uint8(chw.permute(0, 2, 3, 1))
+    return normalize_uint8(chw)
 
 
 def _frame_to_square(frame: av.VideoFrame, size: int) -> np.ndarray:
@@ -338,12 +345,48 @@ class _Index:
     num_packets: int
     last_duration: int  # duration of the last presented packet (time_base units), 0 if unknown
     has_pts: bool
+    # pts of packets no other frame references (non-reference H.264 pictures, packets the
+    # container flags disposable): the decoder may skip them unless they are wanted
+    disposable: frozenset = frozenset()
+
+
+def _h264_length_size(stream) -> Optional[int]:
+    """NAL length-prefix size of an H.264 stream stored as avcC (mp4, mkv, mov), else None."""
+    if stream.codec_context.name != "h264":
+        return None
+    extradata = stream.codec_context.extradata
+    if not extradata or len(extradata) < 7 or extradata[0] != 1:
+        return None  # Annex B (start codes, e.g. MPEG-TS): not parsed here
+    return (extradata[4] & 0x3) + 1
+
+
+def h264_is_non_reference(data: bytes, length_size: int) -> bool:
+    """Whether an avcC H.264 packet holds only non-reference slices (nal_ref_idc == 0).
+
+    No other picture is predicted from such a packet, so a decoder can drop it without
+    changing any other frame (what FFmpeg's ``skip_frame=NONREF`` does). A packet with
+    no slice NAL unit, or a malformed one, counts as reference.
+    """
+    pos, end, slices = 0, len(data), 0
+    while pos + length_size < end:
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        header = data[pos + length_size]
+        pos += length_size + size
+        if size == 0 or pos > end:
+            return False
+        if (header & 0x1F) in (1, 2, 3, 4, 5):  # coded slice NAL units
+            if header & 0x60:  # nal_ref_idc != 0
+                return False
+            slices += 1
+    return slices > 0 and pos == end
 
 
 def _build_index(container, stream, path: str) -> _Index:
     """Demux (no decode) the video stream once, collecting pts/dts and keyframe flags."""
     stamps: list[int] = []
     key_stamps: list[int] = []
+    disposable: list[int] = []
+    length_size = _h264_length_size(stream)
     durations: dict[int, int] = {}
     missing = 0
     count = 0
@@ -370,6 +413,8 @@ def _build_index(container, stream, path: str) -> _Index:
         durations[ts] = packet.duration or 0
         if packet.is_keyframe:
             key_stamps.append(ts)
+        elif packet.is_disposable or (length_size is not None and h264_is_non_reference(memoryview(packet), length_size)):
+            disposable.append(ts)
     time_base = stream.time_base or Fraction(1, 1)
     has_pts = count > 0 and missing == 0 and len(set(stamps)) == len(stamps)
     if not has_pts:
@@ -379,7 +424,8 @@ def _build_index(container, stream, path: str) -> _Index:
         return _Index(np.zeros(0, np.int64), np.zeros(0, np.int64), time_base, count, 0, False)
     pts = np.array(sorted(stamps), dtype=np.int64)
     keyframes = np.searchsorted(pts, np.array(sorted(key_stamps), dtype=np.int64))
-    return _Index(pts, keyframes.astype(np.int64), time_base, count, durations.get(int(pts[-1]), 0), True)
+    return _Index(pts, keyframes.astype(np.int64), time_base, count, durations.get(int(pts[-1]), 0), True,
+                  frozenset(disposable))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -392,10 +438,12 @@ class _NoFrameTimestamps(Exception):
 class _Decoder:
     """Frame iterator over one stream that survives corrupt packets and counts its work."""
 
-    def __init__(self, container, stream, path: str, max_packets: int) -> None:
+    def __init__(self, container, stream, path: str, max_packets: int, skip_pts: frozenset = frozenset()) -> None:
         self.container, self.stream, self.path = container, stream, path
         self.max_packets = max_packets  # hard bound: a corrupt file cannot loop forever
+        self.skip_pts = skip_pts  # packets never sent to the decoder (unwanted, non-reference)
         self.decoded = 0
+        self.skipped = 0
         self.errors = 0
         self.seeks = 0
 
@@ -414,6 +462,9 @@ class _Decoder:
             if packet is not None and packet.is_corrupt:
                 # damaged (e.g. cut-off) packets are not in the index; feeding one to a
                 # frame-threaded decoder can also lose the good frames still in flight
+                continue
+            if packet is not None and packet.pts is not None and packet.pts in self.skip_pts:
+                self.skipped += 1
                 continue
             packets += 1
             if packets > self.max_packets:
@@ -533,6 +584,12 @@ def _decode_counting(decoder: _Decoder, targets: Sequence[int], size: int) -> tu
     return got, times, count
 
 
+def _stack_frames(squares: Sequence[np.ndarray], normalize: bool) -> torch.Tensor:
+    """uint8 (S, S, 3) squares -> (N, 3, S, S): CLIP-normalised float32, or uint8."""
+    frames = torch.from_numpy(np.stack(squares)).permute(0, 3, 1, 2)
+    return normalize_uint8(frames).contiguous() if normalize else frames.contiguous()
+
+
 def _nearest_available(targets: np.ndarray, got: dict[int, np.ndarray]) -> np.ndarray:
     """Replace targets that could not be decoded by the nearest decoded position."""
     avail = np.array(sorted(got), dtype=np.int64)
@@ -551,6 +608,8 @@ def sample_video(
     size: int = 224,
     train: bool = False,
     rng: Optional[RngLike] = None,
+    decoder_threads: int = 0,
+    normalize: bool = True,
 ) -> SampledVideo:
     """Sample ``num_segments`` frames, one per equal segment of the video (TSN / STOP).
 
@@ -566,9 +625,15 @@ def sample_video(
         train: a uniformly random frame per segment instead of the segment centre.
         rng: random source for ``train`` (numpy Generator/RandomState or random.Random);
             None = fresh entropy.
+        decoder_threads: FFmpeg decoding threads; 0 lets FFmpeg choose (frame + slice
+            threads: lowest latency for one video), 1 decodes on the calling thread (least
+            CPU per video: what parallel decode workers want). Frames are identical.
+        normalize: False returns the uint8 RGB frames (N, 3, size, size) instead;
+            ``normalize_uint8`` turns them into the float frames bit for bit.
 
     Returns:
-        ``SampledVideo`` with frames float32 (N, 3, size, size) CLIP-normalised,
+        ``SampledVideo`` with frames float32 (N, 3, size, size) CLIP-normalised (uint8 RGB
+        with ``normalize=False``),
         frame_indices int64 (N,), timestamps float64 (N,) seconds from the first frame.
 
     Raises:
@@ -578,16 +643,19 @@ def sample_video(
     path = os.fspath(path)
     if int(size) < 1:
         raise ValueError(f"size must be >= 1, got {size}")
+    if int(decoder_threads) < 0:
+        raise ValueError(f"decoder_threads must be >= 0, got {decoder_threads}")
     offsets = segment_offsets(num_segments, train, rng)
     try:
-        return _sample(path, num_segments, size, offsets)
+        return _sample(path, num_segments, size, offsets, int(decoder_threads), normalize)
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, MemoryError) as err:
         raise VideoDecodeError(path, f"decoding failed: {_ffmpeg_reason(err)}") from None
 
 
-def _sample(path: str, num_segments: int, size: int, offsets: np.ndarray) -> SampledVideo:
+def _sample(path: str, num_segments: int, size: int, offsets: np.ndarray, threads: int,
+            normalize: bool) -> SampledVideo:
     with _open(path) as container:
         stream = _video_stream(container, path)
         index = _build_index(container, stream, path)
@@ -597,29 +665,39 @@ def _sample(path: str, num_segments: int, size: int, offsets: np.ndarray) -> Sam
 
     if index.has_pts:
         try:
-            return _sample_indexed(path, index, num_segments, size, offsets)
+            return _sample_indexed(path, index, num_segments, size, offsets, threads, normalize)
         except _NoFrameTimestamps:
             logger.info("%s: decoded frames carry no pts; numbering frames by decode order", path)
-    return _sample_counting(path, index.num_packets, fps_hint, num_segments, size, offsets)
+    return _sample_counting(path, index.num_packets, fps_hint, num_segments, size, offsets, threads, normalize)
 
 
-def _open_for_decoding(path: str):
+def _open_for_decoding(path: str, threads: int):
+    """Open ``path`` for decoding with ``threads`` decoder threads (0 = FFmpeg's choice)."""
     container = _open(path)
     stream = _video_stream(container, path)
-    stream.thread_type = "AUTO"  # frame + slice threads
+    if threads == 1:
+        stream.thread_type = "NONE"
+        stream.thread_count = 1
+    else:
+        stream.thread_type = "AUTO"  # frame + slice threads
+        stream.thread_count = threads
     return container, stream
 
 
-def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offsets: np.ndarray) -> SampledVideo:
+def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offsets: np.ndarray,
+                    threads: int, normalize: bool) -> SampledVideo:
     num_frames = len(index.pts)
     targets = segment_indices(num_frames, num_segments, offsets)
     max_packets = 2 * index.num_packets + 1000
+    # non-reference frames that are not sampled are never decoded (a third to a half of
+    # the frames of a typical H.264 file with B-frames; the sampled frames are unchanged)
+    skip_pts = index.disposable - {int(index.pts[t]) for t in targets}
     got: dict[int, np.ndarray] = {}
     decoded = 0
     for allow_seek in (True, False):
-        container, stream = _open_for_decoding(path)
+        container, stream = _open_for_decoding(path, threads)
         with container:
-            decoder = _Decoder(container, stream, path, max_packets)
+            decoder = _Decoder(container, stream, path, max_packets, skip_pts=skip_pts)
             try:
                 got = _decode_indexed(decoder, index, targets, size, allow_seek)
             except (av.error.FFmpegError, OSError) as err:
@@ -630,8 +708,8 @@ def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offs
                 decoded += decoder.decoded
                 continue
             decoded += decoder.decoded
-            logger.debug("%s: %d targets, %d frames decoded, %d seeks, %d errors",
-                         path, len(set(targets.tolist())), decoder.decoded, decoder.seeks, decoder.errors)
+            logger.debug("%s: %d targets, %d frames decoded, %d skipped, %d seeks, %d errors", path,
+                         len(set(targets.tolist())), decoder.decoded, decoder.skipped, decoder.seeks, decoder.errors)
         break
     if not got:
         if decoded > 0:
@@ -652,9 +730,9 @@ def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offs
     span = float((int(index.pts[-1]) - pts0) * tb)
     fps = (num_frames - 1) / span if num_frames > 1 and span > 0 else 0.0
     last = float(index.last_duration * tb) if index.last_duration > 0 else (1.0 / fps if fps > 0 else 0.0)
-    frames = np.stack([got[int(p)] for p in chosen])
+    frames = _stack_frames([got[int(p)] for p in chosen], normalize)
     return SampledVideo(
-        frames=_normalize_uint8(torch.from_numpy(frames)),
+        frames=frames,
         frame_indices=torch.as_tensor(chosen, dtype=torch.int64),
         timestamps=torch.from_numpy(seconds),
         fps=float(fps if fps > 0 else (1.0 / last if last > 0 else 0.0)),
@@ -666,7 +744,8 @@ def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offs
 
 
 def _sample_counting(
-    path: str, num_packets: int, fps_hint: float, num_segments: int, size: int, offsets: np.ndarray
+    path: str, num_packets: int, fps_hint: float, num_segments: int, size: int, offsets: np.ndarray, threads: int,
+    normalize: bool,
 ) -> SampledVideo:
     """Fallback without timestamps: frame numbers = decoder output order."""
     estimate = max(num_packets, 1)
@@ -675,7 +754,7 @@ def _sample_counting(
     times: dict[int, float] = {}
     targets = segment_indices(estimate, num_segments, offsets)
     for _ in range(2):  # a second pass only if the packet count mispredicted the frame count
-        container, stream = _open_for_decoding(path)
+        container, stream = _open_for_decoding(path, threads)
         with container:
             decoder = _Decoder(container, stream, path, max_packets=2 * num_packets + 1000)
             got, times, count = _decode_counting(decoder, targets, size)
@@ -695,9 +774,9 @@ def _sample_counting(
         [times[int(p)] if np.isfinite(times.get(int(p), np.nan)) else (p / fps if fps > 0 else 0.0) for p in targets],
         dtype=np.float64,
     )
-    frames = np.stack([got[int(p)] for p in targets])
+    frames = _stack_frames([got[int(p)] for p in targets], normalize)
     return SampledVideo(
-        frames=_normalize_uint8(torch.from_numpy(frames)),
+        frames=frames,
         frame_indices=torch.as_tensor(targets, dtype=torch.int64),
         timestamps=torch.from_numpy(seconds),
         fps=float(fps),

@@ -15,6 +15,7 @@ from modules.module_clip import (
     QuickGELU,
     build_model,
     infer_config,
+    patchify,
     random_state_dict,
 )
 from modules.tokenization_clip import tokenize, tokenize_for_model
@@ -203,6 +204,17 @@ def test_build_model_rejects_resnet_and_junk(tiny):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("size", [(64, 64), (70, 50)])
+def test_patchify_matrix_product_equals_the_strided_convolution(size):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 24, kernel_size=16, stride=16, bias=False)
+    images = torch.randn(2, 3, *size)
+    expected = conv(images).flatten(2).transpose(1, 2)  # (B, patches, width)
+    patches = patchify(images, 16)
+    assert patches.shape == (2, (size[0] // 16) * (size[1] // 16), 3 * 16 * 16)
+    torch.testing.assert_close(patches @ conv.weight.flatten(1).t(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_matches_multihead_attention():
     torch.manual_seed(0)
     d, heads = 64, 4

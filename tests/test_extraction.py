@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -10,19 +12,19 @@ import torch
 
 from modules.extraction import (
     DecodePool,
+    ForwardLanes,
     UsageError,
     atomic_write,
     check_video_file,
     cleanup_stale_temp_files,
     extract_directory_embeddings,
-    frames_to_uint8,
+    decode_video,
     list_videos,
-    normalize_uint8,
     save_npy_atomic,
     shard_entries,
     unique_names,
 )
-from modules.video_sampler import sample_video
+from modules.video_sampler import normalize_uint8, sample_video
 from tests.cli_utils import small_model
 from tests.video_factory import write_text_file, write_video
 
@@ -137,9 +139,9 @@ def test_stale_temp_files_are_cleaned(tmp_path):
 def test_uint8_transport_is_exact(tmp_path):
     path = write_video(tmp_path / "v.mp4", 20, size=(80, 48))
     frames = sample_video(path, num_segments=6).frames
-    packed = frames_to_uint8(frames)
-    assert packed.dtype == np.uint8 and packed.shape == tuple(frames.shape)
-    assert torch.equal(normalize_uint8(packed), frames)
+    decoded = decode_video(str(path), num_segments=6, size=224, decoder_threads=1)
+    assert decoded.frames.dtype == np.uint8 and decoded.frames.shape == tuple(frames.shape)
+    assert torch.equal(normalize_uint8(decoded.frames), frames)
 
 
 def crash_on_two(i: int) -> int:
@@ -215,6 +217,58 @@ def test_pipeline_matches_the_single_video_api(model, video_dir, tmp_path):
     assert np.load(out / "embeddings.npy").shape == (3, 512)
 
 
+def test_parallel_batches_give_the_same_outputs_and_restore_threads(model, video_dir, tmp_path):
+    """Forwards side by side on CPU (one torch thread each) compute what one forward does."""
+    threads = torch.get_num_threads()
+    serial = extract_directory_embeddings(video_dir, tmp_path / "serial", model=model, num_workers=0,
+                                          batch_size=3, parallel_batches=1, progress=False)
+    lanes = extract_directory_embeddings(video_dir, tmp_path / "lanes", model=model, num_workers=1,
+                                         parallel_batches=3, summary=True, progress=False)
+    assert serial["processed"] == lanes["processed"] == 3
+    assert torch.get_num_threads() == threads
+    settings = json.loads((tmp_path / "lanes" / "extraction_summary.json").read_text())["settings"]
+    assert (settings["batch_size"], settings["parallel_batches"]) == (1, 3)  # CPU defaults: 1 video per forward
+    for name in ("a", "b", "c"):
+        a = np.load(tmp_path / "serial" / f"{name}_embedding.npy")
+        b = np.load(tmp_path / "lanes" / f"{name}_embedding.npy")
+        assert np.abs(a - b).max() < 1e-5
+
+
+def test_forward_lanes_keep_at_most_lanes_batches_and_return_everything():
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def run(batch):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02)
+        with lock:
+            running[0] -= 1
+        return [x * 10 for x in batch]
+
+    lanes = ForwardLanes(3, run)
+    got = []
+    for i in range(10):
+        got += list(lanes.submit([i, i + 100]))
+        assert len(lanes.running) < 3  # submit returns only once a lane is free
+    got += list(lanes.drain())
+    lanes.close()
+    assert sorted(got) == sorted(x * 10 for i in range(10) for x in (i, i + 100))
+    assert 2 <= peak[0] <= 3
+    inline = ForwardLanes(1, run)
+    assert list(inline.submit([1, 2])) == [10, 20] and inline.executor is None
+
+    def fail(batch):
+        raise ValueError("boom")
+
+    broken = ForwardLanes(2, fail)
+    with pytest.raises(ValueError, match="boom"):
+        for _ in range(3):
+            list(broken.submit([1]))
+        list(broken.drain())
+    broken.close()
+
+
 def test_manual_shards_last_one_writes_the_whole_directory_files(model, video_dir, tmp_path):
     out = tmp_path / "out"
     first = extract_directory_embeddings(video_dir, out, consolidated=True, summary=True, model=model,
@@ -236,6 +290,7 @@ def test_bad_arguments_and_empty_directory(model, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     for kwargs, words in (({"save_format": "xml"}, "save_format"), ({"batch_size": 0}, "batch_size"),
+                          ({"parallel_batches": 0}, "parallel_batches"),
                           ({"shard": 1}, "--shard and --num_shards"), ({"shard": 2, "num_shards": 2}, "--shard")):
         with pytest.raises(UsageError, match=words):
             extract_directory_embeddings(empty, tmp_path / "out", model=model, **kwargs)

@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from modules.stop_prompts import (
+    FFTConv3d,
     SpatialPromptGenerator,
     TemporalPromptGenerator,
     minmax_normalize_frames,
@@ -169,6 +170,27 @@ def test_temporal_gradients_reach_every_parameter() -> None:
             continue
         assert p.grad is not None, name
         assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("channels,out,kernel,padding",
+                         [(9, 1, (3, 15, 25), (1, 7, 12)), (1, 1, (5, 11, 11), (2, 5, 5)), (3, 2, 3, 0)])
+def test_fft_conv_equals_plain_conv3d(channels, out, kernel, padding) -> None:
+    torch.manual_seed(3)
+    fast = FFTConv3d(channels, out, kernel_size=kernel, padding=padding)
+    plain = torch.nn.Conv3d(channels, out, kernel_size=kernel, padding=padding)
+    plain.load_state_dict(fast.state_dict())  # same parameter names and shapes
+    x = torch.randn(2, channels, 5, 20, 30, requires_grad=True)
+    y_fast, y_plain = fast(x), plain(x)
+    assert y_fast.shape == y_plain.shape
+    torch.testing.assert_close(y_fast, y_plain, rtol=1e-4, atol=1e-5)
+    g_fast = torch.autograd.grad(y_fast.square().sum(), (x, fast.weight, fast.bias))
+    g_plain = torch.autograd.grad(y_plain.square().sum(), (x, plain.weight, plain.bias))
+    for a, b in zip(g_fast, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())  # sums of ~10^4 terms
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # computed in float32, handed back in bf16
+        y_bf16 = fast(x.to(torch.bfloat16))
+    assert y_bf16.dtype == torch.bfloat16
+    torch.testing.assert_close(y_bf16.float(), y_plain, rtol=0.05, atol=0.05 * y_plain.abs().max().item())
 
 
 def test_temporal_macs(temporal: TemporalPromptGenerator) -> None:

@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 import torch
 
+import modules.video_sampler as video_sampler
 from modules.video_sampler import (
     CLIP_MEAN,
     CLIP_STD,
     SampledVideo,
     VideoDecodeError,
+    h264_is_non_reference,
     preprocess_frames,
     probe_video,
     sample_video,
@@ -200,6 +202,51 @@ def test_decoder_path_matches_preprocess_frames(vids):
     sv = sample_video(vids["single_mp4"], num_segments=1, size=96)
     diff = (sv.frames[0] - ref).abs() * torch.tensor(CLIP_STD).view(3, 1, 1) * 255
     assert diff.mean() < 3.0, diff.mean()
+
+
+def _nal(header: int, payload: bytes = b"\x88\x84", length_size: int = 4) -> bytes:
+    return (1 + len(payload)).to_bytes(length_size, "big") + bytes([header]) + payload
+
+
+def test_h264_non_reference_packets_are_recognised():
+    sei, ref_slice, nonref_slice, idr = _nal(0x06), _nal(0x41), _nal(0x01), _nal(0x65)
+    assert h264_is_non_reference(nonref_slice, 4)
+    assert h264_is_non_reference(sei + nonref_slice + nonref_slice, 4)  # SEI + two slices
+    assert h264_is_non_reference(_nal(0x01, length_size=2), 2)
+    assert not h264_is_non_reference(ref_slice, 4)
+    assert not h264_is_non_reference(idr, 4)
+    assert not h264_is_non_reference(nonref_slice + ref_slice, 4)  # one reference slice is enough
+    assert not h264_is_non_reference(sei, 4)  # no slice at all
+    assert not h264_is_non_reference(nonref_slice[:-1], 4)  # length runs past the end
+    assert not h264_is_non_reference(b"", 4)
+
+
+def test_unneeded_non_reference_frames_are_not_decoded(vids, monkeypatch):
+    """B-frames nobody references are skipped unless sampled; the sampled frames are unchanged."""
+    fast = sample_video(vids["mp4"], num_segments=8, size=64)
+    assert painted(fast) == tsn_eval_indices(NUM, 8)
+    build_index = video_sampler._build_index
+
+    def without_skipping(*args):
+        index = build_index(*args)
+        assert len(index.disposable) > NUM // 5  # x264's default B-frames
+        index.disposable = frozenset()
+        return index
+
+    monkeypatch.setattr(video_sampler, "_build_index", without_skipping)
+    full = sample_video(vids["mp4"], num_segments=8, size=64)
+    assert torch.equal(fast.frames, full.frames)
+    assert fast.decoded_frames < full.decoded_frames
+
+
+def test_single_threaded_decoding_gives_the_same_frames(vids):
+    for kind in ("mp4", "webm"):
+        auto = sample_video(vids[kind], num_segments=8, size=32)
+        single = sample_video(vids[kind], num_segments=8, size=32, decoder_threads=1)
+        assert torch.equal(auto.frames, single.frames)
+        assert torch.equal(auto.frame_indices, single.frame_indices)
+    with pytest.raises(ValueError, match="decoder_threads"):
+        sample_video(vids["mp4"], decoder_threads=-1)
 
 
 def test_variable_frame_rate_uses_presentation_timestamps(vids):

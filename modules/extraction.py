@@ -6,7 +6,8 @@ Pipeline (one process, or one per rank under ``torchrun`` / ``--shard``)::
       -> this rank's share            entries[rank::world] of the sorted list
       -> skip finished videos         every requested output file already exists
       -> DecodePool (processes)       sample_video in worker processes, uint8 frames back
-      -> batches of batch_size        model.encode_videos under torch.inference_mode
+      -> batches of batch_size        model.encode_videos under torch.inference_mode, on CPU
+                                      parallel_batches forwards side by side (ForwardLanes)
       -> atomic writers               <name>_embedding.npy / .json / <name>_frames.npz
       -> rank 0 / last shard          consolidated JSON + embeddings.npy + index, summary
 
@@ -14,9 +15,10 @@ Robustness rules: every output is written to a temporary file in the same folder
 renamed into place, so an interrupted run leaves only complete files and the next run
 resumes by skipping videos whose outputs exist. A video that cannot be decoded (or that
 makes the decoder crash) is recorded with a one-line reason and never stops the run.
-Memory stays flat: at most ``max_in_flight`` (batch_size + 2 x num_workers) decoded videos
-are queued or waiting, plus the batch being assembled, and the consolidated files are
-assembled from the per-video files on disk, one video at a time.
+Memory stays flat: at most ``max_in_flight`` (batch_size x parallel_batches + 2 x
+num_workers) decoded videos are queued in the decode pool, plus the batch being assembled
+and the parallel_batches batches in the model, and the consolidated files are assembled
+from the per-video files on disk, one video at a time.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 Both follow the structure of STOP's ``TemporalPrompt_3`` (CVPR 2025) with its defects fixed:
 
 * Temporal prompts run at a reduced width ``prompt_dim`` (Linear width->prompt_dim in,
-  prompt_dim->width out) so the branch costs ~1 GMAC per 12-frame video instead of ~11,
+  prompt_dim->width out) so the branch costs ~0.7 GMAC per 12-frame video instead of ~11,
   and the frame weight is min-max normalised over the frames of one video, never over
   the batch, so a video's prompts do not depend on the other videos it is batched with.
 * Spatial prompts work on patch tokens (B, N, 49, width) instead of pixels, so the mask

@@ -640,7 +640,7 @@ def default_parallel_batches(threads: Optional[int] = None) -> int:
 class ForwardLanes:
     """Run batches through ``run`` on up to ``lanes`` threads at once (torch releases the GIL).
 
-    ``submit`` and ``drain`` yield the finished batches' results in the caller's thread, so
+    ``submit`` and ``drain`` return the finished batches' results in the caller's thread, so
     bookkeeping (records, progress bar) stays single-threaded. At most ``lanes`` batches
     are running or finished-but-unread, which keeps memory flat. ``lanes == 1`` runs
     each batch inline.
@@ -653,24 +653,26 @@ class ForwardLanes:
                          if self.lanes > 1 else None)
         self.running: set = set()
 
-    def submit(self, batch: List[Any]) -> Iterator[Any]:
-        """Start ``batch``; yields results of batches that finished while lanes were full."""
+    def submit(self, batch: List[Any]) -> List[Any]:
+        """Start ``batch``; returns the results of batches that finished while lanes were full."""
         if self.executor is None:
-            yield from self.run(batch)
-            return
+            return list(self.run(batch))
         self.running.add(self.executor.submit(self.run, batch))
+        finished: List[Any] = []
         while len(self.running) >= self.lanes:
-            yield from self._collect()
+            finished += self._collect()
+        return finished
 
-    def drain(self) -> Iterator[Any]:
-        """Results of every batch still running."""
+    def drain(self) -> List[Any]:
+        """Wait for every running batch; their results."""
+        finished: List[Any] = []
         while self.running:
-            yield from self._collect()
+            finished += self._collect()
+        return finished
 
-    def _collect(self) -> Iterator[Any]:
+    def _collect(self) -> List[Any]:
         done, self.running = concurrent.futures.wait(self.running, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in done:
-            yield from future.result()
+        return [result for future in done for result in future.result()]
 
     def close(self) -> None:
         """Wait for running batches, drop queued ones. Safe to call twice."""
@@ -1010,7 +1012,9 @@ def extract_directory_embeddings(
         num_workers: decode processes (None = :func:`default_num_workers`; 0 = decode in
             this process). Workers decode single-threaded (the least CPU per video).
         parallel_batches: on CPU, forwards running at once, each on torch's threads
-            divided by this (None = :func:`default_parallel_batches`); 1 on CUDA.
+            divided by this (None = :func:`default_parallel_batches`); 1 on CUDA. While
+            the call runs, torch's (process-wide) thread count is set to that share; it
+            is restored on return.
         overwrite: recompute videos whose outputs exist (default: skip them, i.e. resume).
         save_frame_features: also write ``<name>_frames.npz`` (F frame features with their
             original frame numbers, timestamps and time spans).

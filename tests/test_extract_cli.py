@@ -45,7 +45,7 @@ def test_help_documents_every_flag():
     text = proc.stdout
     for flag in ("--video_dir", "--output_dir", "--config_path", "--config", "--device", "--save_format",
                  "--consolidated", "--summary", "--clip_weights", "--checkpoint", "--recursive", "--extensions",
-                 "--batch_size", "--num_workers", "--overwrite", "--save_frame_features", "--verbose", "--quiet",
+                 "--batch_size", "--num_workers", "--parallel_batches", "--overwrite", "--save_frame_features", "--verbose", "--quiet",
                  "--shard", "--num_shards"):
         assert re.search(rf"{re.escape(flag)}\b", text), f"{flag} missing from --help"
     assert text.count("(default:") >= 12  # defaults are shown
@@ -70,6 +70,8 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, config):
 
     proc = run_script(SCRIPT, ["--video_dir", videos, "--save_format", "xml"], timeout=60)
     assert proc.returncode == 2 and "--save_format" in proc.stderr
+    proc = run_script(SCRIPT, ["--video_dir", videos, "--parallel_batches", "0"], timeout=60)
+    assert proc.returncode == 2 and "--parallel_batches" in proc.stderr
 
 
 def test_formats_unique_names_and_frame_features(tmp_path, config):

@@ -249,14 +249,14 @@ def test_forward_lanes_keep_at_most_lanes_batches_and_return_everything():
     lanes = ForwardLanes(3, run)
     got = []
     for i in range(10):
-        got += list(lanes.submit([i, i + 100]))
+        got += lanes.submit([i, i + 100])
         assert len(lanes.running) < 3  # submit returns only once a lane is free
-    got += list(lanes.drain())
+    got += lanes.drain()
     lanes.close()
     assert sorted(got) == sorted(x * 10 for i in range(10) for x in (i, i + 100))
     assert 2 <= peak[0] <= 3
     inline = ForwardLanes(1, run)
-    assert list(inline.submit([1, 2])) == [10, 20] and inline.executor is None
+    assert inline.submit([1, 2]) == [10, 20] and inline.executor is None
 
     def fail(batch):
         raise ValueError("boom")
@@ -264,8 +264,8 @@ def test_forward_lanes_keep_at_most_lanes_batches_and_return_everything():
     broken = ForwardLanes(2, fail)
     with pytest.raises(ValueError, match="boom"):
         for _ in range(3):
-            list(broken.submit([1]))
-        list(broken.drain())
+            broken.submit([1])
+        broken.drain()
     broken.close()
 
 

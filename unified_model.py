@@ -41,6 +41,7 @@ __all__ = [
     "CheckpointError",
     "create_unified_model",
     "resolve_device",
+    "resolve_model_device",
     "rank_hits",
     "CHECKPOINT_FORMAT_VERSION",
 ]
@@ -65,6 +66,13 @@ def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.dev
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use --device auto or cpu)")
     return device
+
+
+def resolve_model_device(device: Union[str, torch.device, None], config: Optional[UnifiedModelConfig]) -> torch.device:
+    """The device a model runs on: ``device``, or the config's ``device`` when it is "auto"/None."""
+    if device in (None, "auto") and config is not None:
+        device = config.device
+    return resolve_device(device)
 
 
 @dataclass
@@ -448,7 +456,7 @@ def create_unified_model(
                                        "omit --config_path to use the checkpoint's own config")
     if clip_weights is not None:
         config = dataclasses.replace(config, clip_weights=clip_weights)  # leave the caller's config as it was
-    target = resolve_device(config.device if device in (None, "auto") else device)
+    target = resolve_model_device(device, config)
     model = UnifiedTempMeSTOPModel(config)
     if payload is not None:
         model.load_trainable_state(payload["trainable"], source=os.fspath(checkpoint))

@@ -161,7 +161,7 @@ def run_baseline(clip_model, preprocess, videos: Sequence[Path], out: Path, thre
 
 def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: int, lanes: int) -> Dict[str, float]:
     """Seconds per video for decoding and for the model, each pipeline, measured apart."""
-    from modules.extraction import ForwardLanes, _torch_threads, decode_video
+    from modules.extraction import ForwardLanes, decode_video, lane_threads
     from modules.video_sampler import normalize_uint8
 
     cfg = model.config
@@ -176,7 +176,7 @@ def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: i
 
     forwards = ForwardLanes(lanes, forward)
     t = time.perf_counter()
-    with _torch_threads(max(1, torch.get_num_threads() // lanes) if lanes > 1 else None):
+    with lane_threads(lanes):
         for i in range(0, len(frames), batch_size):
             forwards.submit(frames[i:i + batch_size])
         forwards.drain()
@@ -232,7 +232,7 @@ def main(argv=None) -> int:
     import open_clip
 
     from config import UnifiedModelConfig
-    from modules.extraction import build_inference_model, default_num_workers, default_parallel_batches
+    from modules.extraction import build_inference_model, default_num_workers, default_parallel_batches, threads_per_lane
     from modules.module_clip import random_state_dict
 
     work = Path(args.work_dir)
@@ -272,7 +272,7 @@ def main(argv=None) -> int:
     print(f"Videos: {n} h264 files, {total_seconds} s in total ({', '.join(f'{s}s {w}x{h}@{f}' for s, (w, h), f in specs)})")
     print("Weights: random ViT-B/32 (seed 0), the same tensors in both pipelines")
     print(f"Ours: default config (32 frames sampled -> 12), batch_size {batch_size}, {lanes} forward(s) at once "
-          f"({max(1, torch.get_num_threads() // lanes)} torch thread(s) each), {workers} decode worker(s)")
+          f"({threads_per_lane(lanes)} torch thread(s) each), {workers} decode worker(s)")
     print(f"Load average (1 min) before/after: {load_start[0]:.2f} / {load_end[0]:.2f}")
     print()
     rows = [

@@ -74,6 +74,8 @@ __all__ = [
     "default_num_workers",
     "default_parallel_batches",
     "ForwardLanes",
+    "lane_threads",
+    "threads_per_lane",
     "write_consolidated",
     "load_embedding",
     "extract_directory_embeddings",
@@ -507,6 +509,12 @@ class DecodePool:
         self.crashes = 0
         self.succeeded = False
 
+    @property
+    def decoder_threads(self) -> int:
+        """FFmpeg threads per decode: 1 in worker processes (the least CPU per video while
+        they run side by side), FFmpeg's choice when decoding inline."""
+        return 1 if self.num_workers > 0 else 0
+
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         return concurrent.futures.ProcessPoolExecutor(
             max_workers=self.num_workers, mp_context=_mp_context(),
@@ -682,12 +690,18 @@ class ForwardLanes:
         self.running = set()
 
 
+def threads_per_lane(lanes: int) -> int:
+    """torch threads each of ``lanes`` side-by-side forwards gets: an equal share, at least 1."""
+    return max(1, torch.get_num_threads() // max(1, lanes))
+
+
 @contextlib.contextmanager
-def _torch_threads(count: Optional[int]) -> Iterator[None]:
-    """Set torch's intra-op thread count for a block (None: leave it), then restore it."""
+def lane_threads(lanes: int) -> Iterator[None]:
+    """Give torch :func:`threads_per_lane` threads for a block (unchanged for one lane), then restore."""
     before = torch.get_num_threads()
-    if count is not None and count != before:
-        torch.set_num_threads(count)
+    share = threads_per_lane(lanes)
+    if share != before:
+        torch.set_num_threads(share)
     try:
         yield
     finally:
@@ -936,32 +950,33 @@ def build_inference_model(config=None, device: str = "auto", checkpoint=None, cl
     one-line messages.
     """
     from config import UnifiedModelConfig
-    from unified_model import UnifiedTempMeSTOPModel, create_unified_model, resolve_device
+    from unified_model import UnifiedTempMeSTOPModel, create_unified_model
 
     config = config if config is not None else UnifiedModelConfig()
-    check_device(device, config)
+    target = check_device(device, config)
     if clip_state_dict is None:
         model = create_unified_model(device=device, checkpoint=checkpoint, config=config)
     else:
         model = UnifiedTempMeSTOPModel(config, clip_state_dict)
         if checkpoint is not None:
             model.load_checkpoint(checkpoint)
-        model = model.to(resolve_device(config.device if device in (None, "auto") else device)).eval()
+        model = model.to(target).eval()
     if merge_lora:
         model.merge_lora()
     return model
 
 
-def check_device(device: str, config=None) -> str:
-    """Fail early (UsageError) on a device this machine does not have; returns it."""
-    from unified_model import resolve_device
+def check_device(device: str, config=None) -> torch.device:
+    """The device a model built here runs on (``device``, or the config's when "auto").
 
-    wanted = config.device if (device in (None, "auto") and config is not None) else device
+    Fails early (UsageError) on a device this machine does not have.
+    """
+    from unified_model import resolve_model_device
+
     try:
-        resolve_device(wanted)
+        return resolve_model_device(device, config)
     except (RuntimeError, ValueError) as err:
         raise UsageError(str(err)) from None
-    return device
 
 
 def extract_directory_embeddings(
@@ -1084,10 +1099,9 @@ def extract_directory_embeddings(
         logger.info("skipping %d videos whose outputs already exist (use --overwrite to redo them)", skipped)
 
     workers = default_num_workers(shard_info.local_world) if num_workers is None else num_workers
-    on_cpu = _compute_device(model, config, device).type == "cpu"
+    on_cpu = (model.device if model is not None else check_device(device, config)).type == "cpu"
     batch_size = batch_size if batch_size is not None else (1 if on_cpu else 4)
     lanes = (parallel_batches or default_parallel_batches()) if on_cpu else 1
-    threads_per_lane = max(1, torch.get_num_threads() // lanes) if lanes > 1 else None
     model_info = {
         "config_path": os.fspath(config_path) if config_path is not None and model is None else None,
         "checkpoint": os.fspath(checkpoint) if checkpoint is not None and model is None else None,
@@ -1105,9 +1119,8 @@ def extract_directory_embeddings(
             pool = DecodePool(workers, max_in_flight=batch_size * lanes + 2 * max(1, workers),
                               log_level=logging.getLogger().getEffectiveLevel())
             by_path = {e.path: e for e in pending}
-            decoder_threads = 1 if workers > 0 else 0
             results = pool.imap_unordered(
-                decode_video, ((e.path, config.num_segments, config.video_size, decoder_threads) for e in pending),
+                decode_video, ((e.path, config.num_segments, config.video_size, pool.decoder_threads) for e in pending),
                 on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
             )
             if model is None:
@@ -1136,7 +1149,7 @@ def extract_directory_embeddings(
                     finish(entry, outcome)
                 batch.clear()
 
-            with _torch_threads(threads_per_lane):
+            with lane_threads(lanes):
                 for (path, *_), decoded in results:
                     entry = by_path[path]
                     if not decoded.ok:
@@ -1211,15 +1224,6 @@ def extract_directory_embeddings(
 
             dist.destroy_process_group()
     return result
-
-
-def _compute_device(model, config, device: str) -> torch.device:
-    """The device the forwards will run on (the model's, or what ``device`` resolves to)."""
-    from unified_model import resolve_device
-
-    if model is not None:
-        return model.device
-    return resolve_device(config.device if device in (None, "auto") else device)
 
 
 def _result_dict(records: Sequence[_Record], elapsed: float, output_dir: str) -> Dict[str, Any]:

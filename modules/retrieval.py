@@ -138,8 +138,7 @@ def batch_retrieve_events(
     default_k = model.config.top_k if top_k is None else top_k
     pool = DecodePool(num_workers, max_in_flight=2 * max(1, num_workers), log_level=logging.getLogger().getEffectiveLevel())
     stream = pool.imap_unordered(
-        decode_video, ((p, model.config.num_segments, model.config.video_size, 1 if num_workers > 0 else 0)
-                       for p in by_video),
+        decode_video, ((p, model.config.num_segments, model.config.video_size, pool.decoder_threads) for p in by_video),
         on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
     )
     bar = tqdm(total=len(by_video), unit="video", desc="retrieving", disable=not progress)

@@ -33,11 +33,9 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-DEFAULT_EXTENSIONS_TEXT = ".mp4,.m4v,.mov,.mkv,.webm,.avi,.mpg,.mpeg,.wmv,.flv,.3gp,.ts,.mts,.ogv"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from modules.cli_support import HelpFormatter, add_logging_arguments, add_model_arguments, int_at_least
+    from modules.cli_support import (DEFAULT_EXTENSIONS, HelpFormatter, add_logging_arguments, add_model_arguments,
+                                     int_at_least)
 
     parser = argparse.ArgumentParser(
         prog="extract_video_embeddings.py", description=__doc__.split("\n\n", 1)[0],
@@ -49,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the outputs go (created; subfolders of --video_dir are mirrored)")
     io.add_argument("--recursive", action="store_true",
                     help="also embed videos in subfolders (symbolic links to folders are not followed)")
-    io.add_argument("--extensions", default=DEFAULT_EXTENSIONS_TEXT,
+    io.add_argument("--extensions", default=",".join(DEFAULT_EXTENSIONS),
                     help="comma-separated file endings that count as videos (case-insensitive)")
     io.add_argument("--save_format", choices=("numpy", "json", "both"), default="numpy",
                     help="per-video files: <name>_embedding.npy, <name>_embedding.json, or both")

@@ -16,11 +16,16 @@ import re
 import sys
 from typing import Callable, Optional
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError", "run_cli",
+__all__ = ["DEFAULT_EXTENSIONS", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError", "run_cli",
            "check_config_file", "check_dir", "check_file", "HelpFormatter", "device_arg", "int_at_least",
            "add_model_arguments", "add_logging_arguments", "setup_logging"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+#: file extensions treated as videos (case-insensitive); here so the CLI's --help needs no torch
+DEFAULT_EXTENSIONS = (
+    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts", ".mts", ".ogv",
+)
 
 logger = logging.getLogger(__name__)
 

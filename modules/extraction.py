@@ -43,7 +43,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from modules.cli_support import UsageError
+from modules.cli_support import DEFAULT_EXTENSIONS, UsageError
 from modules.video_sampler import VideoDecodeError, normalize_uint8, sample_video
 
 __all__ = [
@@ -71,6 +71,8 @@ __all__ = [
     "output_files",
     "shard_entries",
     "decode_video",
+    "decode_stream",
+    "model_error",
     "default_num_workers",
     "default_parallel_batches",
     "ForwardLanes",
@@ -83,10 +85,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: file extensions treated as videos (case-insensitive)
-DEFAULT_EXTENSIONS: Tuple[str, ...] = (
-    ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ts", ".mts", ".ogv",
-)
 SAVE_FORMATS = ("numpy", "json", "both")
 #: names of the whole-directory files written into output_dir
 CONSOLIDATED_JSON = "consolidated_embeddings.json"
@@ -435,6 +433,11 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "unknown error"
 
 
+def model_error(err: BaseException) -> str:
+    """One-line reason for a video whose forward raised ``err``."""
+    return _one_line(f"model error: {type(err).__name__}: {err}")
+
+
 def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0) -> DecodedVideo:
     """Sample one video for the model; never raises (errors come back as ``error``).
 
@@ -631,6 +634,23 @@ class PoolRun:
             DecodePool._shutdown(self.executor)
             self.executor = None
         self.in_flight.clear()
+
+
+def _decoder_crashed(item: Tuple[Any, ...]) -> DecodedVideo:
+    return DecodedVideo(path=item[0], error="the decoder process crashed on this file")
+
+
+def decode_stream(paths: Iterable[str], config, num_workers: int, max_in_flight: Optional[int] = None) -> PoolRun:
+    """Sample ``paths`` for a model with ``config`` in ``num_workers`` processes (0: inline).
+
+    Yields ``(item, DecodedVideo)`` in completion order, ``item[0]`` the path; workers
+    start at once and decode single-threaded. ``close()`` it when stopping early.
+    """
+    pool = DecodePool(num_workers, max_in_flight=max_in_flight, log_level=logging.getLogger().getEffectiveLevel())
+    return pool.imap_unordered(
+        decode_video, ((p, config.num_segments, config.video_size, pool.decoder_threads) for p in paths),
+        on_crash=_decoder_crashed,
+    )
 
 
 def default_parallel_batches(threads: Optional[int] = None) -> int:
@@ -845,15 +865,8 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
 
 def _write_summary(output_dir: str, records: Sequence[_Record], elapsed: float, settings: Dict[str, Any],
                    model_info: Dict[str, Any]) -> Dict[str, Any]:
-    counts = {s: sum(1 for r in records if r.status == s) for s in ("success", "failed", "skipped")}
-    totals = {
-        "total": len(records),
-        "processed": counts["success"],
-        "skipped": counts["skipped"],
-        "failed": counts["failed"],
-        "elapsed_seconds": round(elapsed, 3),
-        "videos_per_second": round(counts["success"] / elapsed, 4) if elapsed > 0 else None,
-    }
+    counts = _result_dict(records, elapsed, output_dir)
+    totals = {k: counts[k] for k in ("total", "processed", "skipped", "failed", "elapsed_seconds", "videos_per_second")}
     save_json_atomic(os.path.join(output_dir, SUMMARY_JSON), {
         "totals": totals,
         "processing_date": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
@@ -1068,8 +1081,7 @@ def extract_directory_embeddings(
         raise UsageError(f"output path exists and is not a directory: {output_dir}")
     entries = list_videos(video_dir, exts, recursive=recursive, exclude=[output_dir])
     config = model.config if model is not None else _resolve_config(config_path, checkpoint, clip_weights)
-    if model is None:
-        check_device(device, config)
+    compute_device = model.device if model is not None else check_device(device, config)
     if not entries:
         logger.warning("no video files (%s) in %s%s", " ".join(exts), video_dir, "" if recursive else " (not recursive)")
     os.makedirs(output_dir, exist_ok=True)
@@ -1077,6 +1089,8 @@ def extract_directory_embeddings(
     created_pg = False
     if shard_info.distributed:
         created_pg, device = _init_distributed(shard_info, device)
+        if model is None:
+            compute_device = torch.device(device)
     my_entries = shard_entries(entries, shard_info.rank, shard_info.world)
     if shard_info.world == 1:
         removed = cleanup_stale_temp_files(output_dir)
@@ -1099,7 +1113,7 @@ def extract_directory_embeddings(
         logger.info("skipping %d videos whose outputs already exist (use --overwrite to redo them)", skipped)
 
     workers = default_num_workers(shard_info.local_world) if num_workers is None else num_workers
-    on_cpu = (model.device if model is not None else check_device(device, config)).type == "cpu"
+    on_cpu = compute_device.type == "cpu"
     batch_size = batch_size if batch_size is not None else (1 if on_cpu else 4)
     lanes = (parallel_batches or default_parallel_batches()) if on_cpu else 1
     model_info = {
@@ -1116,13 +1130,9 @@ def extract_directory_embeddings(
         if pending:
             # start the decode workers first: they work while the model loads, and they
             # are forked before any helper thread (tqdm's monitor, forward lanes) exists
-            pool = DecodePool(workers, max_in_flight=batch_size * lanes + 2 * max(1, workers),
-                              log_level=logging.getLogger().getEffectiveLevel())
+            results = decode_stream([e.path for e in pending], config, workers,
+                                    max_in_flight=batch_size * lanes + 2 * max(1, workers))
             by_path = {e.path: e for e in pending}
-            results = pool.imap_unordered(
-                decode_video, ((e.path, config.num_segments, config.video_size, pool.decoder_threads) for e in pending),
-                on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
-            )
             if model is None:
                 model = build_inference_model(config, device=device, checkpoint=checkpoint, merge_lora=merge_lora)
         bar = tqdm(total=len(pending) + failed_count, initial=failed_count, unit="video", desc="extracting",
@@ -1251,7 +1261,7 @@ def _run_batch(model, batch: Sequence[Tuple[VideoEntry, DecodedVideo]], output_d
     except Exception as err:
         if len(batch) == 1:
             entry, decoded = batch[0]
-            yield entry, _Record(entry.name, entry.path, "failed", _one_line(f"model error: {type(err).__name__}: {err}"),
+            yield entry, _Record(entry.name, entry.path, "failed", model_error(err),
                                  decoded.seconds + time.perf_counter() - start)
             return
         logger.warning("batch of %d failed (%s); retrying one video at a time", len(batch), _one_line(str(err)))

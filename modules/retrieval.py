@@ -24,11 +24,11 @@ from modules.extraction import (
     CONSOLIDATED_INDEX,
     CONSOLIDATED_NPY,
     DecodedVideo,
-    DecodePool,
     UsageError,
     _resolve_config,
     build_inference_model,
-    decode_video,
+    decode_stream,
+    model_error,
 )
 from modules.video_sampler import SampledVideo, normalize_uint8
 
@@ -136,11 +136,7 @@ def batch_retrieve_events(
     if model is None:
         model = build_model(config_path, device=device, checkpoint=checkpoint, clip_weights=clip_weights)
     default_k = model.config.top_k if top_k is None else top_k
-    pool = DecodePool(num_workers, max_in_flight=2 * max(1, num_workers), log_level=logging.getLogger().getEffectiveLevel())
-    stream = pool.imap_unordered(
-        decode_video, ((p, model.config.num_segments, model.config.video_size, pool.decoder_threads) for p in by_video),
-        on_crash=lambda item: DecodedVideo(path=item[0], error="the decoder process crashed on this file"),
-    )
+    stream = decode_stream(by_video, model.config, num_workers)
     bar = tqdm(total=len(by_video), unit="video", desc="retrieving", disable=not progress)
     try:
         for (path, *_), decoded in stream:
@@ -158,7 +154,7 @@ def batch_retrieve_events(
                     texts = model.encode_text([str(video_queries[i]["query"]) for i in indices])
                     scores = texts @ features.frame_features[0].T  # (Q, F)
             except Exception as err:  # noqa: BLE001 - one bad video must not stop the batch
-                message = " ".join(f"model error: {type(err).__name__}: {err}".split())
+                message = model_error(err)
                 for i in indices:
                     results[i].update(status="error", error=f"{path}: {message}")
                 bar.update(1)

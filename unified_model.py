@@ -42,6 +42,8 @@ __all__ = [
     "create_unified_model",
     "resolve_device",
     "resolve_model_device",
+    "ARCHITECTURE_KEYS",
+    "check_architecture",
     "rank_hits",
     "CHECKPOINT_FORMAT_VERSION",
 ]
@@ -423,7 +425,20 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return payload
 
 
-_ARCHITECTURE_KEYS = ("tempme", "stop", "max_frames", "video_size")
+#: config keys that define the network; a checkpoint must agree on them
+ARCHITECTURE_KEYS = ("tempme", "stop", "max_frames", "video_size")
+
+
+def check_architecture(saved: Dict[str, Any], config: UnifiedModelConfig, checkpoint: Union[str, os.PathLike],
+                       hint: str) -> None:
+    """Raise ConfigError naming the first architecture key where ``saved`` (a checkpoint's
+    config dict) and ``config`` differ: "<key> differs between the config and checkpoint
+    <path>; <hint>", ``hint`` formatted with ``key`` and the checkpoint's ``value``."""
+    current = config.to_dict()
+    for key in ARCHITECTURE_KEYS:
+        if saved.get(key) != current.get(key):
+            raise ConfigError(key, f"differs between the config and checkpoint {os.fspath(checkpoint)}; "
+                                   + hint.format(key=key, value=saved.get(key)))
 
 
 def create_unified_model(
@@ -449,11 +464,8 @@ def create_unified_model(
         else:
             config = UnifiedModelConfig()
     if payload is not None:
-        saved = payload["config"]
-        for key in _ARCHITECTURE_KEYS:
-            if saved.get(key) != config.to_dict().get(key):
-                raise ConfigError(key, f"differs between the config and checkpoint {os.fspath(checkpoint)}; "
-                                       "omit --config_path to use the checkpoint's own config")
+        check_architecture(payload["config"], config, checkpoint,
+                           "omit --config_path to use the checkpoint's own config")
     if clip_weights is not None:
         config = dataclasses.replace(config, clip_weights=clip_weights)  # leave the caller's config as it was
     target = resolve_model_device(device, config)

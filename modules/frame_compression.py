@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from modules.token_merging import work_dtype
+
 __all__ = ["FrameCompression", "compress_frames"]
 
 
@@ -46,11 +48,6 @@ class FrameCompression:
         return int(self.tokens.shape[1])
 
 
-def _work_dtype(dtype: torch.dtype) -> torch.dtype:
-    """At least float32, so bf16/fp16 similarities do not produce spurious ties."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _patch_gram(patches: Tensor) -> Tensor:
     """Per-patch-position Gram matrices of the frames: (B, N, P, C) -> (B, P, N, N).
 
@@ -59,7 +56,7 @@ def _patch_gram(patches: Tensor) -> Tensor:
     mean is proportional to the sum of its members. One pass over the tokens (a GEMM)
     replaces repeated normalisations of (B, N, P, C) tensors.
     """
-    work = _work_dtype(patches.dtype)
+    work = work_dtype(patches.dtype)
     # One bmm per video over the strided (P, N, C) view: batching (B, P) together would
     # force a copy of the whole tensor, which costs more than the GEMM itself on CPU.
     return torch.stack(
@@ -193,7 +190,7 @@ def compress_frames(tokens: Tensor, num_groups: int, num_protected: int = 1) -> 
     if num_groups == n:
         return _identity(tokens)
 
-    device, work = tokens.device, _work_dtype(tokens.dtype)
+    device, work = tokens.device, work_dtype(tokens.dtype)
     work_tokens = tokens.to(work)  # converted once (bf16 -> float32 is not free on CPU)
     with torch.no_grad():
         gram = _patch_gram(work_tokens[:, :, num_protected:])  # (B, P, N, N)

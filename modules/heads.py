@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import SIM_HEADERS
 from modules.module_clip import Transformer
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "SIM_HEADERS",
 ]
 
-SIM_HEADERS = ("meanP", "seqTransf")
 _CONFIG_DIR = Path(__file__).resolve().parent
 
 

@@ -85,11 +85,9 @@ class MergeSchedule:
         """Raise ValueError if this schedule cannot run on ``num_frames`` frames / ``depth`` blocks."""
         if any(not 0 <= l < depth for l in self.merge_layers):
             raise ValueError(f"merge layers {list(self.merge_layers)} outside the encoder's {depth} blocks")
-        clips = num_frames
-        for k in self.frame_factors:
+        for clips, k in zip(self.clips_before_merges(num_frames), self.frame_factors):
             if clips % k:
                 raise ValueError(f"frame factors {list(self.frame_factors)} do not divide {num_frames} frames")
-            clips //= k
 
 
 def clip_merge_counts(tokens: int, protected: int, factor: int, clip_ratio: float, intra_ratio: float) -> Tuple[int, int]:

@@ -30,10 +30,11 @@ __all__ = [
     "merge_wavg",
     "merge_source",
     "split_tokens",
+    "work_dtype",
 ]
 
 
-def _work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """Floating dtype for arithmetic: at least float32, so fp16/bf16 inputs score and
     average in float32 (float64 inputs stay float64)."""
     out = torch.float32
@@ -149,7 +150,7 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_protected: int) -> Merge
 
         # Cosine scores in (at least) float32: bf16 scores would create spurious ties.
         # F.normalize clamps the norm, so an all-zero token scores 0 instead of NaN.
-        work = _work_dtype(metric.dtype)
+        work = work_dtype(metric.dtype)
         a = F.normalize(a.to(work), dim=-1)
         b = F.normalize(b.to(work), dim=-1)
         scores = a @ b.transpose(-1, -2)  # (B, nA, nB)
@@ -218,7 +219,7 @@ def merge_wavg(
         size = torch.ones(batch, plan.num_tokens, 1, dtype=torch.float32, device=x.device)
     if size.shape != (batch, plan.num_tokens, 1):
         raise ValueError(f"size must be {(batch, plan.num_tokens, 1)}, got {tuple(size.shape)}")
-    work = _work_dtype(x.dtype, size.dtype)
+    work = work_dtype(x.dtype, size.dtype)
     size = size.to(work)
     if plan.is_identity:
         return x, size

@@ -59,9 +59,11 @@ from modules.metrics import format_metrics, retrieval_metrics
 from modules.module_clip import CLIP
 from modules.tokenization_clip import tokenize_for_model
 from unified_model import (
+    ARCHITECTURE_KEYS,
     CheckpointError,
     UnifiedTempMeSTOPModel,
     atomic_torch_save,
+    check_architecture,
     read_checkpoint,
     resolve_device,
 )
@@ -93,9 +95,9 @@ logger = logging.getLogger(__name__)
 GROUPS = ("tempme", "stop", "backbone")
 #: groups trained by each (non-sequential) mode; train_backbone adds "backbone"
 MODE_GROUPS = {"joint": ("tempme", "stop"), "tempme_only": ("tempme",), "stop_only": ("stop",)}
-#: config keys that define the network; a checkpoint must agree on them
-ARCHITECTURE_KEYS = ("tempme", "stop", "max_frames", "video_size")
 _FROZEN = ("clip.logit_scale",)
+#: what a checkpoint/config architecture mismatch adds to its message
+_TRAINED_WITH = "the checkpoint was trained with {key} = {value!r}"
 _NO_DECAY_NAMES = re.compile(r"(embedding|base_prompts|clip_pos)")
 
 
@@ -407,14 +409,6 @@ def small_config_dict(image_resolution: int = 64, vision_layers: int = 4, max_fr
 # ============================================================================ trainer
 
 
-def _check_architecture(saved: Dict[str, Any], config: UnifiedModelConfig, path: str) -> None:
-    current = config.to_dict()
-    for key in ARCHITECTURE_KEYS:
-        if saved.get(key) != current.get(key):
-            raise ConfigError(key, f"differs between the config and checkpoint {path}; the checkpoint was "
-                                   f"trained with {key} = {saved.get(key)!r}")
-
-
 class Trainer:
     """One training run: data, model, optimizer, schedule, checkpoints, logs.
 
@@ -468,7 +462,7 @@ class Trainer:
         self.model = UnifiedTempMeSTOPModel(config, clip_state_dict).to(self.device)
         if init_checkpoint is not None:
             payload = read_checkpoint(init_checkpoint)
-            _check_architecture(payload["config"], config, init_checkpoint)
+            check_architecture(payload["config"], config, init_checkpoint, _TRAINED_WITH)
             self.model.load_trainable_state(payload["trainable"], source=init_checkpoint)
             logger.info("initialised trainable tensors from %s", init_checkpoint)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -615,9 +609,8 @@ class Trainer:
             final = self.step >= self.total_steps or self.epoch >= cfg.num_epochs
             if (self.epoch % cfg.eval_every == 0) or final:
                 self._evaluate_and_track()
-            if cfg.keep_checkpoints != 0:
-                self.save(f"checkpoint_epoch_{self.epoch}")
-            self.save("last")
+            epoch_name = [f"checkpoint_epoch_{self.epoch}"] if cfg.keep_checkpoints != 0 else []
+            self.save(*epoch_name, "last")
             self._save_best_if_improved()
             self._prune_epoch_checkpoints()
             if final or (stop_at_step is not None and self.step >= stop_at_step):
@@ -742,15 +735,18 @@ class Trainer:
         })
         return payload
 
-    def save(self, name: str) -> Optional[str]:
-        """Write ``checkpoint_dir/<name>.pth`` (main process only; others wait)."""
-        path = os.path.join(self.cfg.checkpoint_dir, f"{name}.pth")
+    def save(self, *names: str) -> List[str]:
+        """Write the training state to ``checkpoint_dir/<name>.pth`` for each name (main
+        process only; others wait). The state is gathered once for all names."""
+        paths = [os.path.join(self.cfg.checkpoint_dir, f"{name}.pth") for name in names]
         if self.env.is_main:
-            atomic_torch_save(self.checkpoint_state(), path)
-            logger.debug("saved %s", path)
+            state = self.checkpoint_state()
+            for path in paths:
+                atomic_torch_save(state, path)
+                logger.debug("saved %s", path)
         if self.env.distributed:
             dist.barrier()
-        return path
+        return paths
 
     def _prune_epoch_checkpoints(self) -> None:
         keep = self.cfg.keep_checkpoints
@@ -766,7 +762,7 @@ class Trainer:
         if "optimizer" not in payload or "step" not in payload:
             raise CheckpointError(f"{path}: holds model tensors only, not a training state; "
                                   "start from it with --checkpoint instead of --resume")
-        _check_architecture(payload["config"], self.config, path)
+        check_architecture(payload["config"], self.config, path, _TRAINED_WITH)
         if payload.get("mode") != self.mode:
             raise ConfigError("training.training_mode", f"{path} was trained with mode {payload.get('mode')!r}; "
                                                         f"resume it with --mode {payload.get('mode')}")

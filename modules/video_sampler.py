@@ -718,8 +718,8 @@ def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offs
             raise _NoFrameTimestamps()
         raise VideoDecodeError(path, "no decodable video frame")
     chosen = targets
-    if any(int(t) not in got for t in targets):
-        missing = sorted({int(t) for t in targets if int(t) not in got})
+    missing = sorted({int(t) for t in targets if int(t) not in got})
+    if missing:
         logger.warning("%s: %d sampled frames could not be decoded; using the nearest decodable ones",
                        path, len(missing))
         chosen = _nearest_available(targets, got)
@@ -761,11 +761,10 @@ def _sample_counting(
             decoded += decoder.decoded
         if count == 0:
             raise VideoDecodeError(path, "no decodable video frame")
-        new_targets = segment_indices(count, num_segments, offsets)
-        if count == estimate or all(int(t) in got for t in new_targets):
-            targets, estimate = new_targets, count
+        mispredicted = count != estimate
+        targets, estimate = segment_indices(count, num_segments, offsets), count
+        if not mispredicted or all(int(t) in got for t in targets):
             break
-        targets, estimate = new_targets, count
     if any(int(t) not in got for t in targets):
         targets = _nearest_available(targets, got)
     num_frames = estimate

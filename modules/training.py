@@ -598,20 +598,21 @@ class Trainer:
                     break
             bar.close()
             if interrupted:
+                improved = False
                 if self.step >= self.total_steps:  # max_steps reached mid-epoch: final evaluation
                     self._evaluate_and_track()
-                self.save("last")
-                if self.step >= self.total_steps:
-                    self._save_best_if_improved()
+                    improved = self._track_best()
+                self.save("last", *(["best"] if improved else []))
                 return self._summary(time.time() - t0)
             # epoch complete
             self.epoch, self.batches_done = epoch + 1, 0
             final = self.step >= self.total_steps or self.epoch >= cfg.num_epochs
             if (self.epoch % cfg.eval_every == 0) or final:
                 self._evaluate_and_track()
+            # best R@1 is updated before saving, so every checkpoint of this epoch records it
+            # (a resumed run must not overwrite best.pth with a worse model)
             epoch_name = [f"checkpoint_epoch_{self.epoch}"] if cfg.keep_checkpoints != 0 else []
-            self.save(*epoch_name, "last")
-            self._save_best_if_improved()
+            self.save(*epoch_name, "last", *(["best"] if self._track_best() else []))
             self._prune_epoch_checkpoints()
             if final or (stop_at_step is not None and self.step >= stop_at_step):
                 break
@@ -702,15 +703,17 @@ class Trainer:
                     self.writer.add_scalar(f"val/{direction}_{key}", value, self.step)
             self.writer.flush()
 
-    def _save_best_if_improved(self) -> None:
+    def _track_best(self) -> bool:
+        """Record the last evaluation's text-to-video R@1 if it beats the best; whether it did."""
         if self.last_metrics is None:
-            return
+            return False
         r1 = self.last_metrics["t2v"]["R1"]
-        if self.best_r1 is None or r1 > self.best_r1:
-            self.best_r1 = r1
-            self.save("best")
-            if self.env.is_main:
-                logger.info("new best text-to-video R@1 %.2f at step %d", r1, self.step)
+        if self.best_r1 is not None and r1 <= self.best_r1:
+            return False
+        self.best_r1 = r1
+        if self.env.is_main:
+            logger.info("new best text-to-video R@1 %.2f at step %d", r1, self.step)
+        return True
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_state(self) -> Dict[str, Any]:

@@ -181,6 +181,8 @@ def test_train_backbone_updates_clip_but_not_logit_scale(clip_state, tmp_path, d
     assert not _changed(before, after, _names(trainer.model, "tempme"))
     payload = read_checkpoint(os.path.join(trainer.cfg.checkpoint_dir, "last.pth"))
     assert payload["includes_backbone"] and "clip.visual.conv1.weight" in payload["trainable"]
+    # the best R@1 is tracked before saving: last.pth records the evaluation it carries
+    assert payload["best_r1"] == payload["metrics"]["t2v"]["R1"]
 
 
 # ----------------------------------------------------------------------------- checkpoints and resume

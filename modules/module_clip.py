@@ -674,24 +674,20 @@ def _error_summary(error: BaseException) -> str:
 
 def _read_checkpoint(path: str) -> Dict[str, Tensor]:
     """State dict from a TorchScript archive or a torch.save'd (state) dict."""
-    obj: Any = None
-    if _is_torchscript_archive(path):
+    def load_torchscript() -> Any:
         # OpenAI ships TorchScript archives; their state_dict() holds the parameters.
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated"
-                obj = torch.jit.load(path, map_location="cpu").state_dict()
-        except Exception as e:
-            raise WeightsError(
-                f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})"
-            ) from None
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise WeightsError(
-                f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})"
-            ) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated"
+            return torch.jit.load(path, map_location="cpu").state_dict()
+
+    def load_pickle() -> Any:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    load = load_torchscript if _is_torchscript_archive(path) else load_pickle
+    try:
+        obj = load()
+    except Exception as e:
+        raise WeightsError(f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})") from None
     if isinstance(obj, Mapping) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(

@@ -237,19 +237,8 @@ class UnifiedTempMeSTOPModel(nn.Module):
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (T, L) -> projected EOT features (T, D), not normalised."""
-        clip = self.clip
-        length = tokens.shape[1]
-        x = clip.token_embedding(tokens) + clip.positional_embedding[:length]
-        mask = torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu(1)
         use_lora = self.text_lora is not None and not self.text_lora_merged
-        for layer, block in enumerate(clip.transformer.resblocks):
-            h = block.ln_1(x)
-            delta = self.text_lora[layer](h) if use_lora else None
-            x = x + block.attn(h, attn_mask=mask, qkv_delta=delta)
-            x = x + block.mlp(block.ln_2(x))
-        x = clip.ln_final(x)
-        eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return eot @ clip.text_projection
+        return self.clip.encode_text(tokens, adapters=self.text_lora if use_lora else None)
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()

@@ -28,7 +28,7 @@ import uuid
 import warnings
 import zipfile
 from collections import OrderedDict
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -202,9 +202,11 @@ class ResidualAttentionBlock(nn.Module):
             )
         )
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        """x (B, T, d) -> (B, T, d)."""
-        x = x + self.attn(self.ln_1(x), attn_mask=attn_mask)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                adapter: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """x (B, T, d) -> (B, T, d). ``adapter`` maps ln_1(x) to a (B, T, 3d) qkv delta (LoRA)."""
+        h = self.ln_1(x)
+        x = x + self.attn(h, attn_mask=attn_mask, qkv_delta=adapter(h) if adapter is not None else None)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -221,10 +223,11 @@ class Transformer(nn.Module):
             [ResidualAttentionBlock(width, heads) for _ in range(layers)]
         )
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        """x (B, T, width) -> (B, T, width)."""
-        for block in self.resblocks:
-            x = block(x, attn_mask=attn_mask)
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                adapters: Optional[Sequence[Callable[[Tensor], Tensor]]] = None) -> Tensor:
+        """x (B, T, width) -> (B, T, width); ``adapters``: one qkv adapter per block, or None."""
+        for i, block in enumerate(self.resblocks):
+            x = block(x, attn_mask=attn_mask, adapter=adapters[i] if adapters is not None else None)
         return x
 
 
@@ -375,11 +378,12 @@ class CLIP(nn.Module):
         """images (B, 3, H, W), CLIP-normalised -> (B, embed_dim), not normalised."""
         return self.visual(images.to(self.dtype))
 
-    def encode_text_tokens(self, tokens: Tensor) -> Tensor:
+    def encode_text_tokens(self, tokens: Tensor, adapters: Optional[Sequence[Callable[[Tensor], Tensor]]] = None) -> Tensor:
         """token ids (B, L), L <= context_length -> hidden states (B, L, width) before ln_final.
 
         Shorter sequences (e.g. CLIP4Clip's max_words=32) use the first L positions and the
         matching corner of the causal mask, which gives the same result at each position.
+        ``adapters``: per-block qkv adapters (e.g. LoRA), as for :class:`Transformer`.
         """
         length = tokens.shape[1]
         if length > self.context_length:
@@ -388,14 +392,14 @@ class CLIP(nn.Module):
             )
         x = self.token_embedding(tokens).to(self.dtype)
         x = x + self.positional_embedding[:length].to(x.dtype)
-        return self.transformer(x, attn_mask=self.attn_mask[:length, :length])
+        return self.transformer(x, attn_mask=self.attn_mask[:length, :length], adapters=adapters)
 
-    def encode_text(self, tokens: Tensor) -> Tensor:
+    def encode_text(self, tokens: Tensor, adapters: Optional[Sequence[Callable[[Tensor], Tensor]]] = None) -> Tensor:
         """token ids (B, L) -> (B, embed_dim) taken at the EOT token, not normalised.
 
         The EOT token has the largest id in the vocabulary, so argmax finds it (as OpenAI).
         """
-        x = self.ln_final(self.encode_text_tokens(tokens))
+        x = self.ln_final(self.encode_text_tokens(tokens, adapters))
         eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
         return eot @ self.text_projection
 

@@ -45,6 +45,7 @@ __all__ = [
     "ARCHITECTURE_KEYS",
     "check_architecture",
     "rank_hits",
+    "group_time_span",
     "CHECKPOINT_FORMAT_VERSION",
 ]
 
@@ -357,11 +358,17 @@ class UnifiedTempMeSTOPModel(nn.Module):
         return payload
 
 
+def group_time_span(members: Sequence[int], duration: float, num_sampled: int) -> Tuple[float, float]:
+    """Seconds a frame group covers: its members' shares of the ``num_sampled`` equal
+    segments of the video's ``duration`` (first member's start, last member's end)."""
+    segment = duration / num_sampled if duration > 0 and num_sampled else 0.0
+    return members[0] * segment, (members[-1] + 1) * segment
+
+
 def rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: torch.Tensor,
                sampled: SampledVideo, top_k: Optional[int]) -> List[FrameHit]:
     """Sort groups by score and express them in original frame numbers and seconds."""
     num = len(sampled.frame_indices)
-    segment = sampled.duration / num if sampled.duration > 0 else 0.0
     hits, seen = [], set()
     for g in torch.argsort(scores, descending=True, stable=True).tolist():
         frame = int(sampled.frame_indices[int(representatives[g])])
@@ -369,13 +376,14 @@ def rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: to
             continue
         seen.add(frame)
         members = groups[g]
+        start_time, end_time = group_time_span(members, sampled.duration, num)
         hits.append(FrameHit(
             frame=frame,
             score=float(scores[g]),
             start_frame=int(sampled.frame_indices[members[0]]),
             end_frame=int(sampled.frame_indices[members[-1]]),
-            start_time=round(members[0] * segment, 6),
-            end_time=round((members[-1] + 1) * segment, 6),
+            start_time=round(start_time, 6),
+            end_time=round(end_time, 6),
             timestamp=float(sampled.timestamps[int(representatives[g])]),
         ))
         if top_k is not None and len(hits) == top_k:

@@ -759,10 +759,11 @@ class _Record:
 def _frame_feature_arrays(decoded: DecodedVideo, frame_features: np.ndarray, sizes: np.ndarray,
                           groups: List[List[int]], representatives: np.ndarray) -> Dict[str, np.ndarray]:
     """The ``<name>_frames.npz`` payload: F frame features in original-video coordinates."""
+    from unified_model import group_time_span
+
     indices = decoded.frame_indices
     times = decoded.timestamps
-    num = len(indices)
-    segment = decoded.duration / num if decoded.duration > 0 and num else 0.0
+    spans = [group_time_span(g, decoded.duration, len(indices)) for g in groups]
     reps = representatives.astype(np.int64)
     return {
         "frame_features": frame_features.astype(np.float32),
@@ -770,8 +771,8 @@ def _frame_feature_arrays(decoded: DecodedVideo, frame_features: np.ndarray, siz
         "timestamps": times[reps].astype(np.float64),
         "start_frames": np.array([indices[g[0]] for g in groups], dtype=np.int64),
         "end_frames": np.array([indices[g[-1]] for g in groups], dtype=np.int64),
-        "start_times": np.array([g[0] * segment for g in groups], dtype=np.float64),
-        "end_times": np.array([(g[-1] + 1) * segment for g in groups], dtype=np.float64),
+        "start_times": np.array([start for start, _ in spans], dtype=np.float64),
+        "end_times": np.array([end for _, end in spans], dtype=np.float64),
         "group_sizes": sizes.astype(np.int64),
         "sampled_frame_indices": indices.astype(np.int64),
         "sampled_timestamps": times.astype(np.float64),

@@ -145,30 +145,53 @@ def list_videos(
     return entries
 
 
+def _stem(rel: str) -> str:
+    folder, base = rel.rsplit("/", 1) if "/" in rel else ("", rel)
+    root = os.path.splitext(base)[0] or base
+    return f"{folder}/{root}" if folder else root
+
+
+def _rel_digest(rel: str, length: int) -> str:
+    return hashlib.sha1(rel.encode("utf-8", "surrogateescape")).hexdigest()[:length]
+
+
+#: the name candidates of a file, tried in order while names clash: stem, relative path,
+#: stem + short hash, stem + longer hash, stem + full hash of the relative path
+_CANDIDATES = (
+    _stem,
+    lambda rel: rel,
+    lambda rel: f"{_stem(rel)}-{_rel_digest(rel, 8)}",
+    lambda rel: f"{_stem(rel)}-{_rel_digest(rel, 16)}",
+    lambda rel: f"{_stem(rel)}-{_rel_digest(rel, 40)}",
+)
+
+
 def unique_names(rels: Sequence[str]) -> List[str]:
     """Output names for relative video paths: unique, deterministic, filesystem-safe.
 
-    ``sub/clip.mp4`` -> ``sub/clip``. When several files would get the same name
-    (``clip.mp4`` and ``clip.webm``; compared case-insensitively for case-insensitive
-    file systems) they keep their extension (``clip.mp4``, ``clip.webm``); any clash left
-    after that gets a short hash of the relative path.
+    ``sub/clip.mp4`` -> ``sub/clip``. Names are compared case-insensitively (for
+    case-insensitive file systems). In each round, every name that clashes with another
+    moves to its file's next candidate: the relative path with its extension
+    (``clip.mp4``, ``clip.webm``), then the stem with a short hash of the relative path,
+    then longer hashes. The last candidate (full hash of the distinct relative path) never
+    clashes with another file's last candidate, and the names still on earlier candidates
+    keep moving while they clash, so the names end unique whatever the inputs (also a file
+    named like another one's hashed name).
     """
-    def stem(rel: str) -> str:
-        folder, base = rel.rsplit("/", 1) if "/" in rel else ("", rel)
-        root = os.path.splitext(base)[0] or base
-        return f"{folder}/{root}" if folder else root
-
-    names = [stem(r) for r in rels]
-    for attempt in range(2):
-        counts: Dict[str, int] = {}
-        for n in names:
-            counts[n.casefold()] = counts.get(n.casefold(), 0) + 1
-        clashes = [i for i, n in enumerate(names) if counts[n.casefold()] > 1]
+    level = [0] * len(rels)
+    names = [_stem(r) for r in rels]
+    # every round moves at least one clashing name on, so n + len(_CANDIDATES) rounds suffice
+    for round_ in range(len(rels) + len(_CANDIDATES) + 1):
+        groups: Dict[str, List[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name.casefold(), []).append(i)
+        clashes = [i for members in groups.values() if len(members) > 1 for i in members]
         if not clashes:
-            break
+            return names
         for i in clashes:
-            names[i] = rels[i] if attempt == 0 else f"{stem(rels[i])}-{hashlib.sha1(rels[i].encode()).hexdigest()[:8]}"
-    return names
+            level[i] = min(max(level[i], round_) + 1, len(_CANDIDATES) - 1)
+            names[i] = _CANDIDATES[level[i]](rels[i])
+    raise AssertionError(f"output names still clash after every candidate: {sorted(set(names))[:3]}")
 
 
 def shard_entries(entries: Sequence[VideoEntry], rank: int, world: int) -> List[VideoEntry]:

@@ -58,7 +58,7 @@ OPEN_SHARD_ROWS = 65536
 MAX_SHARD_ROWS = 1_000_000
 KINDS = ("videos", "segments")
 #: fingerprint keys that do not change what the model computes
-_FINGERPRINT_IGNORED = ("config_path",)
+_FINGERPRINT_IGNORED = ("config_path", "embed_dim")
 PathLike = Union[str, os.PathLike]
 
 
@@ -114,6 +114,8 @@ _SEGMENT_DEFAULTS = {"window_index": 0, "window_start": float("nan"), "window_en
 def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
     """A short stable hash of what makes embeddings comparable (config, weights, checkpoint)."""
     kept = {k: v for k, v in fingerprint.items() if k not in _FINGERPRINT_IGNORED}
+    if kept.get("checkpoint"):
+        kept["checkpoint"] = os.path.abspath(str(kept["checkpoint"]))
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -566,7 +566,7 @@ def _write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], ma
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from modules.extraction import atomic_write
+    from modules.atomic_io import atomic_write
 
     table = pa.Table.from_pylist(rows, schema=_SCHEMAS[kind]())
     atomic_write(os.path.join(root, f"{stem}.parquet"), lambda fh: pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS))
@@ -578,7 +578,7 @@ def _write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], ma
 
 
 def _write_manifest(root: str, manifest: Dict[str, Any]) -> None:
-    from modules.extraction import atomic_write
+    from modules.atomic_io import atomic_write
 
     def write(fh) -> None:
         json.dump(manifest, fh, indent=1)

@@ -37,6 +37,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from modules.clip_archs import ACTIVATIONS, canonical_arch_name
+from modules.errors import error_line, one_line
 from modules.module_clip import NON_PARAMETER_KEYS, random_state_dict
 
 logger = logging.getLogger(__name__)
@@ -108,12 +109,10 @@ TEMPME_PREFIX = "tempme:"
 
 def _one_line(error: BaseException) -> str:
     if isinstance(error, urllib.error.HTTPError):
-        text = f"HTTP {error.code} {error.reason}"
-    elif isinstance(error, urllib.error.URLError):
-        text = str(error.reason)
-    else:
-        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return " ".join(text.split())
+        return one_line(f"HTTP {error.code} {error.reason}")
+    if isinstance(error, urllib.error.URLError):
+        return one_line(error.reason)
+    return error_line(error, with_type=True)
 
 
 def first_non_finite(tensors: Mapping[str, Tensor]) -> Optional[str]:

@@ -579,7 +579,7 @@ def create_unified_model(
     config: Optional[UnifiedModelConfig] = None,
     *,
     spec: Optional[ModelSpec] = None,
-    clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    clip_state_dict: Union[Dict[str, torch.Tensor], ClipWeights, None] = None,
     merge_lora: bool = False,
     architecture_hint: str = _OWN_CONFIG_HINT,
 ) -> UnifiedTempMeSTOPModel:
@@ -592,7 +592,8 @@ def create_unified_model(
     config: a config object instead of config_path (never modified).
     spec: config and checkpoint already read by :func:`load_model_spec` (then config_path,
         checkpoint, clip_weights and config are ignored): the checkpoint is read once.
-    clip_state_dict: CLIP weights already in memory (instead of loading config.clip_weights).
+    clip_state_dict: CLIP weights already in memory (a state dict, or ClipWeights with what the
+        source says about its activation), instead of loading config.clip_weights.
     merge_lora: fold LoRA into the CLIP weights (inference: same outputs, less compute).
     architecture_hint: what a config/checkpoint architecture mismatch message adds.
     Raises ConfigError / WeightsError / CheckpointError / DeviceError (one line each).

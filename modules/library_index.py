@@ -111,6 +111,17 @@ def build_index(matrix: np.ndarray, exact_max_rows: Optional[int] = None, seed: 
         if rows:
             index.add(np.ascontiguousarray(matrix, dtype=np.float32))
         return index, IndexInfo("flat")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building is big work: every core (searching uses one)
+    try:
+        return _build_ivf(matrix, seed)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _build_ivf(matrix: np.ndarray, seed: int):
+    faiss = _faiss()
+    rows, dim = matrix.shape
     rng = np.random.default_rng(seed)
     nlist = _nlist_for(rows)
     quantizer = faiss.IndexFlatIP(dim)

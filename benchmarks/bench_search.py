@@ -229,6 +229,24 @@ def load_test(folder: Path, clients: int, seconds: float, max_requests: int) -> 
         server.wait(timeout=30)
 
 
+def thumbnail_cost(work: Path, cuts: int = 10) -> Dict[str, float]:
+    """Cutting a thumbnail at request time vs storing one per moment at index time."""
+    from modules.search_server import cut_frame, encode_jpeg
+    from modules.synthetic_video import MovingShape, write_moving_shapes_video
+
+    path = work / "thumb_source.mp4"
+    fps, frames = 25, 25 * 30
+    write_moving_shapes_video(str(path), frames, fps=fps, size=(640, 360),
+                              shapes=[MovingShape("circle", (220, 30, 30), start=(0.1, 0.5), end=(0.9, 0.5), radius=0.2)], gop=250)
+    times, sizes = [], []
+    for t in np.linspace(0.5, frames / fps - 0.5, cuts):
+        t0 = time.perf_counter()
+        data = encode_jpeg(cut_frame(str(path), float(t)))
+        times.append(time.perf_counter() - t0)
+        sizes.append(len(data))
+    return {"cut_ms": statistics.median(times) * 1e3, "jpeg_bytes": statistics.median(sizes)}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--videos", default="10000,100000,1000000", help="video library sizes")
@@ -323,6 +341,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"load test, {args.clients} clients x {args.load_seconds:.0f} s on 127.0.0.1 ({largest_videos[2]:,} videos): "
               f"{load['requests']} requests, {load['errors']} errors, {load['rps']:.0f} requests/s, "
               f"p50 {load['p50'] * 1e3:.1f} ms, p99 {load['p99'] * 1e3:.1f} ms")
+    thumbs = thumbnail_cost(work)
+    print(f"thumbnail at request time (640x360 H.264, 30 s, GOP 250): median {thumbs['cut_ms']:.1f} ms to seek, "
+          f"decode and encode a {thumbs['jpeg_bytes'] / 1024:.1f} KiB JPEG; stored per moment at index time it would "
+          f"be {thumbs['jpeg_bytes'] * SEGMENTS_PER_VIDEO / 1024:.0f} KiB per video "
+          f"({thumbs['jpeg_bytes'] * SEGMENTS_PER_VIDEO * 1_000_000 / 2**30:.1f} GiB per million videos)")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -44,7 +44,7 @@ import numpy as np
 
 from modules.library_files import (MANIFEST, ROW_GROUP_ROWS, SCHEMAS, VIDEO_DEFAULTS, LibraryError, check_matrix, segment_row,
                                    segment_schema, video_schema, write_manifest, write_shard)
-from modules.library_index import IndexInfo, read_index, search_index
+from modules.library_index import IndexInfo, load_faiss, read_index, search_index
 
 __all__ = ["LIBRARY_DIR", "MANIFEST", "LibraryError", "VideoLibrary", "fingerprint_id", "describe_fingerprint",
            "video_schema", "segment_schema", "library_path"]
@@ -288,9 +288,7 @@ class VideoLibrary:
         key = (kind, i)
         if key not in self._indexes:
             if self.search_threads is not None:
-                import faiss
-
-                faiss.omp_set_num_threads(self.search_threads)
+                load_faiss().omp_set_num_threads(self.search_threads)
             shard = self.shards[kind][i]
             self._indexes[key] = read_index(shard.file(self.root, "faiss"), shard.index)
         return self._indexes[key]

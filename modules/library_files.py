@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping
 import numpy as np
 
 from modules.cli_support import UsageError
-from modules.library_index import IndexInfo, build_index
+from modules.library_index import IndexInfo, build_index, load_faiss
 
 __all__ = ["MANIFEST", "ROW_GROUP_ROWS", "LibraryError", "video_schema", "segment_schema", "SCHEMAS", "VIDEO_DEFAULTS",
            "SEGMENT_DEFAULTS", "check_matrix", "segment_row", "write_shard", "write_manifest"]
@@ -93,7 +93,6 @@ def segment_row(segment: Mapping[str, Any], video_row: int) -> Dict[str, Any]:
 
 def write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], matrix: np.ndarray) -> IndexInfo:
     """The three files of one shard, each written to a temporary name and renamed."""
-    import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -103,6 +102,7 @@ def write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], mat
     atomic_write(os.path.join(root, f"{stem}.parquet"), lambda fh: pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS))
     atomic_write(os.path.join(root, f"{stem}.npy"),
                  lambda fh: np.save(fh, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False))
+    faiss = load_faiss()
     index, info = build_index(matrix)
     atomic_write(os.path.join(root, f"{stem}.faiss"), lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)))
     return info

@@ -21,6 +21,7 @@ The library function is modules.retrieval.batch_retrieve_events, importable from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -147,13 +148,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _model(args: argparse.Namespace):
-    from modules.retrieval import build_model
+    from unified_model import create_unified_model
 
-    return build_model(args.config_path, device=args.device, checkpoint=args.checkpoint, clip_weights=args.clip_weights)
+    return create_unified_model(args.config_path, device=args.device, checkpoint=args.checkpoint,
+                                clip_weights=args.clip_weights, merge_lora=True)
 
 
 def _write_json(path: str, obj) -> None:
-    from modules.extraction import save_json_atomic
+    from modules.atomic_io import save_json_atomic
 
     save_json_atomic(path, obj)
     print(f"Wrote {path}")
@@ -235,13 +237,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """Two synthetic videos -> directory extraction -> frame retrieval -> embedding search."""
-    from modules.extraction import _resolve_config, extract_directory_embeddings
+    from modules.extraction import extract_directory_embeddings
     from modules.module_clip import WeightsError, load_clip_state_dict, random_state_dict
-    from modules.retrieval import (batch_retrieve_events, build_model, format_inference_block,
-                                   format_search_block, search_embeddings)
+    from modules.retrieval import batch_retrieve_events, format_inference_block, format_search_block, search_embeddings
     from modules.synthetic_video import MovingShape, write_moving_shapes_video
+    from unified_model import create_unified_model, load_model_spec
 
-    config = _resolve_config(args.config_path, args.checkpoint, args.clip_weights)
+    spec = load_model_spec(args.config_path, args.checkpoint, args.clip_weights)
+    config = spec.config
     state = None
     if config.clip_weights != "random":
         try:  # real weights only if they are already here: the demo never downloads
@@ -249,13 +252,14 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"Demo: using CLIP weights {config.clip_weights or config.tempme.base_encoder}")
         except WeightsError as err:
             print(f"Demo: no CLIP weights available offline ({err}).")
-            config.clip_weights = "random"
+            config = dataclasses.replace(config, clip_weights="random")
     if config.clip_weights == "random":
         print("Demo: using RANDOM CLIP weights: this shows the pipeline working, the matches are not meaningful. "
               "Run extraction or inference once without --demo to download the official weights "
               "(or pass --clip_weights PATH).")
         state = random_state_dict(config.tempme.base_encoder)
-    model = build_model(device=args.device, checkpoint=args.checkpoint, config=config, clip_state_dict=state)
+    spec = dataclasses.replace(spec, config=config)
+    model = create_unified_model(spec=spec, device=args.device, clip_state_dict=state, merge_lora=True)
 
     with tempfile.TemporaryDirectory(prefix="unified_demo_") as tmp:
         videos = os.path.join(tmp, "videos")

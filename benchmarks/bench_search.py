@@ -261,14 +261,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     import torch
 
     from modules.library_query import ModelQueryEncoder
-    from modules.retrieval import build_model
+    from unified_model import create_unified_model
 
     torch.set_num_threads(2)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_search_"))
     work.mkdir(parents=True, exist_ok=True)
     centres = np.random.default_rng(2).standard_normal((CENTRES, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    model = build_model(clip_weights="random", device="cpu")
+    model = create_unified_model(clip_weights="random", device="cpu", merge_lora=True)
     encoder = ModelQueryEncoder(model)
     texts = [f"{QUERY} {i}" for i in range(20)]
     queries = clustered(args.queries, 99, centres)

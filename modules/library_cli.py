@@ -38,9 +38,9 @@ def _model_flags_given(args: argparse.Namespace) -> bool:
 
 def cli_fingerprint(config_path: Optional[str], checkpoint: Optional[str], clip_weights: Optional[str]) -> Dict[str, Any]:
     """The fingerprint of the model these flags build, as extraction records it."""
-    from modules.extraction import _resolve_config
+    from unified_model import load_model_spec
 
-    config = _resolve_config(config_path, checkpoint, clip_weights)
+    config = load_model_spec(config_path, checkpoint, clip_weights).config
     return {"config_path": config_path, "checkpoint": checkpoint, "clip_weights": config.clip_weights,
             "config": config.to_dict()}
 

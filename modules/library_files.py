@@ -96,7 +96,7 @@ def write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], mat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from modules.extraction import atomic_write
+    from modules.atomic_io import atomic_write
 
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[kind]())
     atomic_write(os.path.join(root, f"{stem}.parquet"), lambda fh: pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS))
@@ -109,7 +109,7 @@ def write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], mat
 
 
 def write_manifest(root: str, manifest: Dict[str, Any]) -> None:
-    from modules.extraction import atomic_write
+    from modules.atomic_io import atomic_write
 
     def write(fh) -> None:
         json.dump(manifest, fh, indent=1)

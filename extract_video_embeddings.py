@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--save_frame_features", action="store_true",
                     help="also write <name>_frames.npz: the frame features with original frame numbers and timestamps")
     io.add_argument("--index", action="store_true",
-                    help="also keep the searchable video library in OUTPUT_DIR/library up to date (implies "
-                         "--save_frame_features; search it with inference.py --embeddings_dir OUTPUT_DIR)")
+                    help="also keep the searchable video library in OUTPUT_DIR/library up to date: videos with their "
+                         "moments (search it with inference.py --embeddings_dir OUTPUT_DIR) (default: off)")
     io.add_argument("--overwrite", action="store_true",
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
@@ -98,13 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        import time
-
         from modules.extraction import extract_directory_embeddings
 
-        if args.index:
-            _check_library_model(args)
-        started = time.time()
         with logging_redirect_tqdm():
             result = extract_directory_embeddings(
                 args.video_dir, args.output_dir, config_path=args.config_path, save_format=args.save_format,
@@ -112,39 +107,34 @@ def main(argv: Optional[List[str]] = None) -> int:
                 clip_weights=args.clip_weights, checkpoint=args.checkpoint, recursive=args.recursive,
                 extensions=args.extensions, batch_size=args.batch_size, num_workers=args.num_workers,
                 parallel_batches=args.parallel_batches,
-                overwrite=args.overwrite, save_frame_features=args.save_frame_features or args.index,
+                overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
+                writers=_library_writers(args),
             )
         _print_result(result, args)
         if args.index and (result.get("num_shards", 1) == 1 or "global" in result):
-            _update_library(args, started)
+            _print_library(args)
         totals = result.get("global", result)
         return 1 if totals["failed"] else 0
 
     return run_cli(job, interrupted_hint="finished videos are saved; rerun the same command to resume")
 
 
-def _check_library_model(args: argparse.Namespace) -> None:
-    """--index into a library of another model is refused before any video is decoded."""
-    import os
-
-    from modules.library import VideoLibrary, library_path
+def _library_writers(args: argparse.Namespace) -> list:
+    """--index: the writer that keeps OUTPUT_DIR/library up to date (refuses another model early)."""
+    if not args.index:
+        return []
     from modules.library_cli import cli_fingerprint
+    from modules.library_writer import LibraryWriter
 
-    if os.path.isfile(os.path.join(library_path(args.output_dir), "manifest.json")):
-        VideoLibrary.open(args.output_dir).check_fingerprint(cli_fingerprint(args.config_path, args.checkpoint,
-                                                                             args.clip_weights))
+    return [LibraryWriter(args.output_dir, cli_fingerprint(args.config_path, args.checkpoint, args.clip_weights))]
 
 
-def _update_library(args: argparse.Namespace, started: float) -> None:
-    """--index: add this run's videos to the output folder's library (one process: the last shard)."""
-    from modules.library_builder import index_extraction_folder
-    from modules.library_cli import cli_fingerprint
+def _print_library(args: argparse.Namespace) -> None:
+    from modules.library import VideoLibrary
 
-    fingerprint = cli_fingerprint(args.config_path, args.checkpoint, args.clip_weights)
-    report = index_extraction_folder(args.output_dir, fingerprint=fingerprint, written_since=started)
-    print(f"Library {report['library']}: {report['videos']} videos ({report['added']} added or updated, "
-          f"{report['segments']} moments)")
+    library = VideoLibrary.open(args.output_dir)
+    print(f"Library {library.root}: {len(library)} videos, {library.num_segments} moments")
 
 
 def _print_result(result: dict, args: argparse.Namespace) -> None:

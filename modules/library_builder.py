@@ -133,14 +133,11 @@ def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[s
 
 
 def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, Any]] = None,
-                            library_dir: Optional[str] = None, with_metadata: bool = True,
-                            written_since: Optional[float] = None) -> Dict[str, Any]:
+                            library_dir: Optional[str] = None, with_metadata: bool = True) -> Dict[str, Any]:
     """Create or extend ``output_dir``'s library from its per-video files.
 
     ``fingerprint`` is the model that made them (default: the one the folder records).
-    ``written_since``: videos already in the library whose embedding file was written at
-    or after this time (``time.time()``) are re-read and replace their old rows (a rerun
-    with ``--overwrite``); by default known names are skipped.
+    Names already in the library are skipped.
     Returns {"library", "added", "skipped", "failed", "segments", "videos"}.
     """
     output_dir = os.fspath(output_dir)
@@ -182,7 +179,7 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
         batch.clear()
 
     for name, embedding_file in scan_extraction_folder(output_dir):
-        if name in known and (written_since is None or os.path.getmtime(embedding_file) < written_since):
+        if name in known:
             skipped += 1
             continue
         try:

@@ -352,6 +352,10 @@ class UnifiedModelConfig(_Section):
     clip_activation: Optional[str] = None  # quick_gelu | gelu; null = what the weights say
     device: str = "auto"
     precision: str = "fp32"
+    # long videos (modules/long_video.py): seconds per window; None = windows only for videos
+    # longer than 10 minutes (30 s windows), 0 = never; stride None = the window length
+    window_seconds: Optional[float] = None
+    window_stride: Optional[float] = None
     training: Optional[TrainingConfig] = None
 
     def __post_init__(self) -> None:
@@ -369,6 +373,10 @@ class UnifiedModelConfig(_Section):
                  f"must be one of {', '.join(ACTIVATIONS)} or null (= what the weights say), got {self.clip_activation!r}")
         _require(self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.window_seconds is None or self.window_seconds >= 0, "window_seconds",
+                 f"must be >= 0 seconds (0 = no windows) or null (automatic), got {self.window_seconds}")
+        _require(self.window_stride is None or (bool(self.window_seconds) and 0 < self.window_stride <= self.window_seconds),
+                 "window_stride", f"must be > 0 and <= window_seconds (which must be set > 0), got {self.window_stride}")
         _require(self.stop.pretrained_clip_name == self.tempme.base_encoder, "stop.pretrained_clip_name",
                  f"{self.stop.pretrained_clip_name!r} disagrees with tempme.base_encoder "
                  f"{self.tempme.base_encoder!r}: both name the one CLIP backbone the model uses")

@@ -40,7 +40,7 @@ import sys
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
@@ -118,18 +118,18 @@ def make_videos(folder: Path, specs: Sequence[Tuple[int, Tuple[int, int], int]])
 
 
 def run_ours(model, video_dir: Path, out: Path, batch_size, num_workers, parallel_batches) -> Tuple[float, Dict]:
-    """One directory run of our pipeline: (wall seconds, the result dict)."""
+    """One directory run of our pipeline: (wall seconds, the run's settings from its summary file)."""
     from modules.extraction import extract_directory_embeddings
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     result = extract_directory_embeddings(video_dir, out, model=model, batch_size=batch_size,
                                           num_workers=num_workers, parallel_batches=parallel_batches,
-                                          progress=False)
+                                          progress=False, summary=True)
     seconds = time.perf_counter() - start
     if result["failed"] or result["processed"] != len(list(video_dir.glob("*.mp4"))):
         raise RuntimeError(f"our pipeline failed: {result['errors']}")
-    return seconds, result
+    return seconds, json.loads((out / "extraction_summary.json").read_text())["settings"]
 
 
 def baseline_decode(path: Path, preprocess, threaded: bool) -> torch.Tensor:
@@ -220,21 +220,27 @@ def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: i
 
 def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Sequence[str] = ("fp32",),
             baseline_precision: str = "fp32", batch_size=None, num_workers=None, parallel_batches=None,
-            with_profile: bool = True, clip_name: str = "ViT-B/32") -> Dict:
+            with_profile: bool = True, state: Optional[Dict[str, torch.Tensor]] = None,
+            config: Optional[Dict] = None) -> Dict:
     """Time our pipeline at each precision and the open_clip baselines on the same videos.
 
+    ``state``: OpenAI-layout CLIP tensors shared by every pipeline (default: random
+    ViT-B/32, seed 0); ``config``: our model's config dict (default: the defaults).
     Returns times (seconds per run for "ours/<precision>", "plain", "tuned"), cosines
     ("<precision>" -> per-video cosine against the first precision's embeddings), the
     model stage's wait share per precision (CUDA only: the share of its time the model
     waited for decoded input), the profile and the settings used.
     """
     import open_clip
+    from open_clip.model import build_model_from_openai_state_dict
 
-    from config import UnifiedModelConfig
-    from modules.device_feed import default_device_workers, device_batch_size
+    from config import from_dict
+    from modules.device_feed import default_device_workers
     from modules.extraction import build_inference_model, default_num_workers, default_parallel_batches
     from modules.module_clip import random_state_dict
 
+    state = random_state_dict("ViT-B/32", seed=0) if state is None else state
+    config = {"clip_weights": "random"} if config is None else config
     video_dir = work / "videos"
     videos = make_videos(video_dir, specs)
     target = torch.device(device)
@@ -242,13 +248,13 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     workers = num_workers if num_workers is not None else (default_num_workers() if on_cpu else default_device_workers())
     lanes = (default_parallel_batches() if parallel_batches is None else parallel_batches) if on_cpu else 1
     batch_size = (1 if on_cpu else None) if batch_size is None else batch_size  # None: the device rule
-    state = random_state_dict(clip_name, seed=0)
-    ours = {p: build_inference_model(UnifiedModelConfig(clip_weights="random", precision=p), device=device,
-                                     clip_state_dict=state) for p in precisions}
-    open_clip_name = clip_name.replace("/", "-") + "-quickgelu"
-    clip_model, _, preprocess = open_clip.create_model_and_transforms(open_clip_name, pretrained=None)
-    clip_model.load_state_dict(state, strict=True)
-    clip_model = clip_model.to(target).eval()
+    ours = {p: build_inference_model(from_dict({**config, "precision": p}), device=device, clip_state_dict=state)
+            for p in precisions}
+    size = ours[precisions[0]].config.video_size
+    # open_clip's model from the same tensors (strict load), with its own preprocessing
+    clip_model = build_model_from_openai_state_dict({k: v.clone() for k, v in state.items()}, quick_gelu=True,
+                                                    cast_dtype=None).to(target).eval()
+    preprocess = open_clip.image_transform(size, is_train=False)
 
     # warm-up (first-call allocations, kernel selection, lazy imports), not timed
     for p in precisions:
@@ -260,11 +266,12 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     settings: Dict = {}
     for r in range(runs):
         for p in precisions:
-            seconds, result = run_ours(ours[p], video_dir, work / f"out_ours_{p}", batch_size, workers, lanes)
+            seconds, settings_used = run_ours(ours[p], video_dir, work / f"out_ours_{p}", batch_size, workers, lanes)
             times[f"ours/{p}"].append(seconds)
-            if result.get("model_wait_share") is not None:
-                wait[p].append(float(result["model_wait_share"]))
-            settings = {"batch_size": batch_size or device_batch_size(ours[p]), "num_workers": workers, "lanes": lanes}
+            if settings_used.get("model_wait_share") is not None:
+                wait[p].append(float(settings_used["model_wait_share"]))
+            settings = {"batch_size": settings_used.get("batch_size"), "num_workers": settings_used.get("num_workers"),
+                        "lanes": settings_used.get("parallel_batches")}
         times["plain"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=False,
                                            precision=baseline_precision))
         times["tuned"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=True,

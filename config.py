@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from modules.atomic_io import save_text_atomic
+
 __all__ = [
     "ConfigError",
     "TempMeConfig",
@@ -437,8 +439,4 @@ def to_json(config: UnifiedModelConfig, path: Union[str, os.PathLike]) -> None:
     data = config.to_dict()
     if data.get("training") is None:
         data.pop("training", None)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    save_text_atomic(path, json.dumps(data, indent=2) + "\n")

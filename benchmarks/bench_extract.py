@@ -182,7 +182,8 @@ def embedding_cosines(dir_a: Path, dir_b: Path) -> List[float]:
 def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: int, lanes: int,
             baseline_precision: str = "fp32") -> Dict[str, float]:
     """Seconds per video for decoding and for the model, each pipeline, measured apart."""
-    from modules.extraction import ForwardLanes, decode_video, lane_threads
+    from modules.decode_pool import decode_video
+    from modules.forward_lanes import ForwardLanes, lane_threads
     from modules.video_sampler import normalize_uint8
 
     cfg = model.config
@@ -236,7 +237,9 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
 
     from config import from_dict
     from modules.device_feed import default_device_workers
-    from modules.extraction import build_inference_model, default_num_workers, default_parallel_batches
+    from modules.decode_pool import default_num_workers
+    from modules.forward_lanes import default_parallel_batches
+    from unified_model import create_unified_model
     from modules.module_clip import random_state_dict
 
     state = random_state_dict("ViT-B/32", seed=0) if state is None else state
@@ -248,8 +251,8 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     workers = num_workers if num_workers is not None else (default_num_workers() if on_cpu else default_device_workers())
     lanes = (default_parallel_batches() if parallel_batches is None else parallel_batches) if on_cpu else 1
     batch_size = (1 if on_cpu else None) if batch_size is None else batch_size  # None: the device rule
-    ours = {p: build_inference_model(from_dict({**config, "precision": p}), device=device, clip_state_dict=state)
-            for p in precisions}
+    ours = {p: create_unified_model(config=from_dict({**config, "precision": p}), device=device, clip_state_dict=state,
+                                    merge_lora=True) for p in precisions}
     size = ours[precisions[0]].config.video_size
     # open_clip's model from the same tensors (strict load), with its own preprocessing
     clip_model = build_model_from_openai_state_dict({k: v.clone() for k, v in state.items()}, quick_gelu=True,

@@ -248,9 +248,9 @@ STEPS: List[tuple] = [
 
 def _context(args, work: Path) -> Dict:
     from config import from_dict
-    from modules.extraction import build_inference_model
     from modules.module_clip import random_state_dict
     from modules.training import small_clip_state_dict, small_config_dict
+    from unified_model import create_unified_model
 
     cuda = not args.dry_run
     small_state = small_clip_state_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS, text_layers=SMALL_LAYERS)
@@ -263,7 +263,8 @@ def _context(args, work: Path) -> Dict:
     device = "cuda" if cuda else "cpu"
 
     def build(precision: str):
-        return build_inference_model(from_dict({**config, "precision": precision}), device=device, clip_state_dict=state)
+        return create_unified_model(config=from_dict({**config, "precision": precision}), device=device,
+                                    clip_state_dict=state, merge_lora=True)
 
     return {"cuda": cuda, "device": device, "work": work, "state": state, "config": config,
             "small_state": small_state, "build": build}

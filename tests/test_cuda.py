@@ -30,10 +30,10 @@ def state():
 
 
 def _model(state, precision: str = "fp32", device: str = "cuda"):
-    from modules.extraction import build_inference_model
+    from unified_model import create_unified_model
 
-    return build_inference_model(UnifiedModelConfig(clip_weights="random", precision=precision), device=device,
-                                 clip_state_dict=state)
+    return create_unified_model(config=UnifiedModelConfig(clip_weights="random", precision=precision), device=device,
+                                clip_state_dict=state, merge_lora=True)
 
 
 def _frames(videos: int, seed: int = 0) -> torch.Tensor:

@@ -9,7 +9,7 @@ ViT-B/32 weights:
   (single-threaded decoding), on CPU one video per forward with forwards running side by
   side (``parallel_batches``, one torch thread each), LoRA merged.
 - baseline: decode every frame with PyAV (``to_ndarray("rgb24")``), take 12 uniformly,
-  open_clip "ViT-B-32-quickgelu" (the same weights, loaded strictly) on the 12 frames in
+  open_clip's ViT-B/32 quickgelu CLIP (the same weights, loaded strictly) on the 12 frames in
   one batch with open_clip's own preprocessing, mean-pool the normalised frame features,
   save the .npy. Measured twice: with PyAV's defaults (what that loop does when written
   plainly: slice threading only, i.e. one thread for most H.264 files), and tuned with
@@ -23,7 +23,14 @@ our decoding as a worker runs it (one thread), our model as the pipeline runs it
 The videos: h264 (libx264 crf 23, default GOP and B-frames), a textured panning
 background with moving shapes, 320x240 and 640x360, 25 and 30 fps, 10 to 30 s.
 
+Precisions: ``--precisions fp32,bf16`` times our pipeline at each (alternating) and prints
+the speed ratio against the first and the cosine between their embeddings of every video;
+``--no_baselines`` leaves the baselines out. ``--device cuda`` runs every pipeline on the
+GPU (``benchmarks/gpu_check.py`` does this with fp16 and reports how long the model waited
+for decoded input).
+
     .venv/bin/python benchmarks/bench_extract.py [--runs 5] [--work_dir /tmp/bench_extract]
+    .venv/bin/python benchmarks/bench_extract.py --precisions fp32,bf16 --no_baselines
 """
 from __future__ import annotations
 
@@ -222,7 +229,7 @@ def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: i
 def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Sequence[str] = ("fp32",),
             baseline_precision: str = "fp32", batch_size=None, num_workers=None, parallel_batches=None,
             with_profile: bool = True, state: Optional[Dict[str, torch.Tensor]] = None,
-            config: Optional[Dict] = None) -> Dict:
+            config: Optional[Dict] = None, baselines: bool = True) -> Dict:
     """Time our pipeline at each precision and the open_clip baselines on the same videos.
 
     ``state``: OpenAI-layout CLIP tensors shared by every pipeline (default: random
@@ -230,7 +237,8 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     Returns times (seconds per run for "ours/<precision>", "plain", "tuned"), cosines
     ("<precision>" -> per-video cosine against the first precision's embeddings), the
     model stage's wait share per precision (CUDA only: the share of its time the model
-    waited for decoded input), the profile and the settings used.
+    waited for decoded input), the profile and the settings used. ``baselines=False``
+    times only our precisions (no baseline rows, no profile).
     """
     import open_clip
     from open_clip.model import build_model_from_openai_state_dict
@@ -254,17 +262,21 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     ours = {p: create_unified_model(config=from_dict({**config, "precision": p}), device=device, clip_state_dict=state,
                                     merge_lora=True) for p in precisions}
     size = ours[precisions[0]].config.video_size
-    # open_clip's model from the same tensors (strict load), with its own preprocessing
+    # open_clip's model from the same tensors (strict load), with its own preprocessing; the
+    # builder stores some weights in fp16, .float() keeps the baseline in float32 (autocast does the rest)
     clip_model = build_model_from_openai_state_dict({k: v.clone() for k, v in state.items()}, quick_gelu=True,
-                                                    cast_dtype=None).to(target).eval()
+                                                    cast_dtype=None).float().to(target).eval()
     preprocess = open_clip.image_transform(size, is_train=False)
 
     # warm-up (first-call allocations, kernel selection, lazy imports), not timed
     for p in precisions:
         run_ours(ours[p], video_dir, work / "warm_ours", batch_size, workers, lanes)
-    run_baseline(clip_model, preprocess, videos[:1], work / "warm_base", threaded=True, precision=baseline_precision)
+    if baselines:
+        run_baseline(clip_model, preprocess, videos[:1], work / "warm_base", threaded=True, precision=baseline_precision)
 
-    times: Dict[str, List[float]] = {**{f"ours/{p}": [] for p in precisions}, "plain": [], "tuned": []}
+    times: Dict[str, List[float]] = {f"ours/{p}": [] for p in precisions}
+    if baselines:
+        times.update(plain=[], tuned=[])
     wait: Dict[str, List[float]] = {p: [] for p in precisions}
     settings: Dict = {}
     for r in range(runs):
@@ -275,14 +287,15 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
                 wait[p].append(float(settings_used["model_wait_share"]))
             settings = {"batch_size": settings_used.get("batch_size"), "num_workers": settings_used.get("num_workers"),
                         "lanes": settings_used.get("parallel_batches")}
-        times["plain"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=False,
-                                           precision=baseline_precision))
-        times["tuned"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=True,
-                                           precision=baseline_precision))
+        if baselines:
+            times["plain"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=False,
+                                               precision=baseline_precision))
+            times["tuned"].append(run_baseline(clip_model, preprocess, videos, work / "out_base", threaded=True,
+                                               precision=baseline_precision))
         logger.info("run %d: %s", r + 1, ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
     cosines = {p: embedding_cosines(work / f"out_ours_{precisions[0]}", work / f"out_ours_{p}") for p in precisions}
     prof = profile(ours[precisions[0]], clip_model, preprocess, videos, batch_size or 4, lanes,
-                   baseline_precision) if with_profile else None
+                   baseline_precision) if with_profile and baselines else None
     return {"times": times, "cosines": cosines, "wait_share": wait, "profile": prof, "videos": videos,
             "settings": settings, "precisions": list(precisions)}
 
@@ -321,9 +334,8 @@ def print_report(m: Dict, specs, device: str, baseline_precision: str, load: Tup
     print(f"Load average (1 min) before/after: {load[0]:.2f} / {load[1]:.2f}")
     print()
     rows = [(f"ours ({p}): extract_directory_embeddings", f"ours/{p}") for p in precisions] + [
-        ("baseline: PyAV all frames (defaults) + open_clip x12 + mean", "plain"),
-        ("tuned baseline: same, PyAV thread_type AUTO", "tuned"),
-    ]
+        (label, key) for label, key in (("baseline: PyAV all frames (defaults) + open_clip x12 + mean", "plain"),
+                                        ("tuned baseline: same, PyAV thread_type AUTO", "tuned")) if key in med]
     print(f"| pipeline | median wall (s) | videos/s | {ref} / this (videos/s) | runs (s) |")
     print("| --- | ---: | ---: | ---: | --- |")
     for label, key in rows:
@@ -383,6 +395,8 @@ def main(argv=None) -> int:
                         help="our forwards running at once on CPU (default: the CLI's)")
     parser.add_argument("--num_videos", type=int, default=len(VIDEO_SPECS), help=f"use the first N of {len(VIDEO_SPECS)} videos")
     parser.add_argument("--no_profile", action="store_true", help="skip the decode/model breakdown")
+    parser.add_argument("--no_baselines", action="store_true",
+                        help="time only our pipeline at --precisions (e.g. fp32 vs bf16), no baselines, no profile")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
@@ -393,7 +407,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
     m = measure(Path(args.work_dir), specs, args.runs, device=args.device, precisions=precisions,
                 baseline_precision=args.baseline_precision, batch_size=args.batch_size, num_workers=args.num_workers,
-                parallel_batches=args.parallel_batches, with_profile=not args.no_profile)
+                parallel_batches=args.parallel_batches, with_profile=not args.no_profile,
+                baselines=not args.no_baselines)
     print_report(m, specs, args.device, args.baseline_precision, (load_start[0], os.getloadavg()[0]))
     return 0
 

@@ -108,3 +108,31 @@ def test_activation_rule_bounds_cuda_peak_and_chosen_batch_runs(state):
         out = model.encode_videos(normalize_uint8(_frames(batch).cuda()))  # normalised on the device
     assert out.video_embeddings.shape[0] == batch
     assert torch.cuda.max_memory_allocated() - before <= free
+
+
+def test_directory_extraction_on_cuda_matches_cpu(tmp_path):
+    """The CUDA model stage (pinned uploads one batch ahead, batch from free memory) gives the CPU's embeddings."""
+    import json
+
+    from config import from_dict
+    from modules.extraction import extract_directory_embeddings
+    from tests.cli_utils import SMALL_CONFIG, small_model
+    from tests.video_factory import write_video
+    from unified_model import create_unified_model
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(5):
+        write_video(videos / f"v{i}.mp4", 10 + 3 * i, size=(64, 48))
+    cpu_out, cuda_out = tmp_path / "cpu", tmp_path / "cuda"
+    extract_directory_embeddings(videos, cpu_out, model=small_model(), num_workers=1, progress=False)
+    cuda_model = create_unified_model(config=from_dict(SMALL_CONFIG), device="cuda", merge_lora=True)
+    result = extract_directory_embeddings(videos, cuda_out, model=cuda_model, num_workers=2, progress=False,
+                                          summary=True)
+    assert result["processed"] == 5 and result["failed"] == 0
+    settings = json.loads((cuda_out / "extraction_summary.json").read_text())["settings"]
+    assert settings["batch_size"] == device_batch_size(cuda_model) and 0 <= settings["model_wait_share"] <= 1
+    for i in range(5):
+        a = np.load(cpu_out / f"v{i}_embedding.npy")
+        b = np.load(cuda_out / f"v{i}_embedding.npy")
+        assert float(a @ b) > 0.9999, i

@@ -2,9 +2,11 @@
 
 A writer is one object with a small interface (:class:`Writer`)::
 
-    prepare(entries, fingerprint=..., cleanup=...)
+    bind_model(fingerprint, parts)
+                       the model's fingerprint, to record with every embedding
+    prepare(entries, cleanup)
                        before any video is decoded: check the output folder is writable,
-                       remove temp files a killed run left; the model fingerprint to record
+                       remove temp files a killed run left
     is_done(entry)     resume check: this video's outputs exist, are readable, and came from
                        this source file (path, size, mtime) and this model (fingerprint)
     write(result)      one video's outputs, each file atomically; OSError = that video failed
@@ -130,9 +132,12 @@ class RunReport:
 class Writer:
     """Base of every writer (the defaults do nothing); see the module docstring."""
 
-    def prepare(self, entries: Sequence[VideoEntry], *, fingerprint: str, cleanup: bool = True) -> None:
-        """Before any decode. ``fingerprint``: the model's (unified_model.model_fingerprint),
-        to store with every embedding. ``cleanup``: no other process writes here now."""
+    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+        """Before ``prepare``: the model's fingerprint (unified_model.model_fingerprint) and its
+        parts (weights, checkpoint, config), to store with every embedding written."""
+
+    def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
+        """Before any decode. ``cleanup``: no other process writes here now (one shard)."""
 
     def is_done(self, entry: VideoEntry) -> bool:
         """Whether ``entry``'s outputs exist and can be trusted (then the video is skipped)."""
@@ -261,14 +266,16 @@ class OutputFilesWriter(Writer):
         self.consolidated = consolidated
         self.summary = summary
         self.overwrite = overwrite
-        self.fingerprint: Optional[str] = None
+        self.model_fingerprint: Optional[str] = None
         self.untrusted: Dict[str, int] = {}  # reason -> videos whose old outputs were not reused
 
     def files(self, name: str) -> Dict[str, str]:
         return output_files(self.output_dir, name, self.save_format, self.save_frame_features)
 
-    def prepare(self, entries: Sequence[VideoEntry], *, fingerprint: str, cleanup: bool = True) -> None:
-        self.fingerprint = fingerprint
+    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+        self.model_fingerprint = fingerprint
+
+    def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         check_writable(self.output_dir)
         if cleanup:
             folders = {self.output_dir} | {os.path.dirname(meta_path(self.output_dir, e.name)) for e in entries}
@@ -284,7 +291,7 @@ class OutputFilesWriter(Writer):
             return "no record of their source"
         if meta.get("source") != entry.source():
             return "another source file"
-        if meta.get("fingerprint") != self.fingerprint:
+        if meta.get("fingerprint") != self.model_fingerprint:
             return "another model"
         for kind, path in files.items():
             try:
@@ -337,7 +344,7 @@ class OutputFilesWriter(Writer):
         if "npy" in files:
             save_npy_atomic(files["npy"], embedding)
         save_json_atomic(record, {"video_path": result.video_path, "source": result.source,
-                                  "fingerprint": self.fingerprint, "files": sorted(files)}, indent=None)
+                                  "fingerprint": self.model_fingerprint, "files": sorted(files)}, indent=None)
 
     def close(self, report: Optional[RunReport]) -> None:
         if self.untrusted:

@@ -25,6 +25,7 @@ from rotting; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -109,9 +110,7 @@ def step_sizing(args, ctx) -> str:
     from modules.device_feed import (ForwardShapes, activation_bytes_per_video, choose_batch_size,
                                      device_bytes_per_video)
 
-    model = ctx["build"]("fp16" if ctx["cuda"] else "fp32")
-    shapes = ForwardShapes.of_model(model)
-    del model
+    shapes = ForwardShapes.of_model(ctx["build"]("fp16" if ctx["cuda"] else "fp32"))
     per_video = device_bytes_per_video(shapes)
     if ctx["cuda"]:
         free, total = torch.cuda.mem_get_info(model.device)
@@ -137,7 +136,7 @@ def step_extraction(args, ctx) -> str:
         precisions, baseline = ("fp16",), "fp16"
     m = bench_extract.measure(ctx["work"] / "bench", specs, runs=args.runs, device=ctx["device"],
                               precisions=precisions, baseline_precision=baseline, with_profile=True,
-                              state=ctx["state"], config=ctx["config"])
+                              state=ctx["state"], config=ctx["config"], models=ctx["models"])
     n = len(m["videos"])
     ours = statistics.median(m["times"][f"ours/{precisions[0]}"])
     plain = statistics.median(m["times"]["plain"])
@@ -159,7 +158,7 @@ def step_extraction(args, ctx) -> str:
 
 
 def step_training(args, ctx) -> str:
-    from config import from_dict
+    from config import TrainingConfig, from_dict
     from modules.synthetic_data import generate_synthetic_dataset
     from modules.training import Trainer, small_config_dict
 
@@ -168,11 +167,16 @@ def step_training(args, ctx) -> str:
     generate_synthetic_dataset(str(data), num_videos=20, num_val=4, seed=0, size=(SMALL_SIZE, SMALL_SIZE),
                                num_frames=12)
 
+    fp16 = {}  # on CUDA amp means fp16 + GradScaler; on CPU it has to be asked for
+    if not ctx["cuda"]:
+        if "amp_dtype" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
+            raise _Skip("fp16 training on CPU needs the training.amp_dtype key")
+        fp16 = {"amp_dtype": "fp16"}
+
     def config(name: str):
         training = dict(datatype="synthetic", data_path=str(data), synthetic_num_videos=20, synthetic_val_videos=4,
                         seed=0, batch_size=4, num_epochs=2, num_workers=0, checkpoint_dir=str(work / name),
-                        amp=True, amp_dtype="fp16", tempme_lr=1e-3, stop_lr=1e-3, warmup_proportion=0.0,
-                        keep_checkpoints=0)
+                        amp=True, tempme_lr=1e-3, stop_lr=1e-3, warmup_proportion=0.0, keep_checkpoints=0, **fp16)
         cfg = from_dict({**small_config_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS, training=training),
                          "device": ctx["device"]})
         return cfg
@@ -262,12 +266,16 @@ def _context(args, work: Path) -> Dict:
         config = {"clip_weights": "random"}
     device = "cuda" if cuda else "cpu"
 
+    models: Dict[str, object] = {}
+
     def build(precision: str):
-        return create_unified_model(config=from_dict({**config, "precision": precision}), device=device,
-                                    clip_state_dict=state, merge_lora=True)
+        if precision not in models:
+            models[precision] = create_unified_model(config=from_dict({**config, "precision": precision}),
+                                                     device=device, clip_state_dict=state, merge_lora=True)
+        return models[precision]
 
     return {"cuda": cuda, "device": device, "work": work, "state": state, "config": config,
-            "small_state": small_state, "build": build}
+            "small_state": small_state, "build": build, "models": models}
 
 
 def card_name(dry_run: bool) -> str:

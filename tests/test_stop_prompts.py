@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from modules.module_clip import register_cpu_sdpa_flops
 from modules.stop_prompts import (
     FFTConv3d,
     SpatialPromptGenerator,
@@ -15,6 +16,8 @@ from modules.stop_prompts import (
     parse_temporal_prompt,
     straight_through_topk_mask,
 )
+
+register_cpu_sdpa_flops()  # this file counts FLOPs, attention included
 
 
 def _macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:

@@ -117,8 +117,12 @@ def step_sizing(args, ctx) -> str:
     else:  # no device memory to ask: pretend a 16 GiB card to show the arithmetic
         free, total = 16 * 2**30, 16 * 2**30
     batch = choose_batch_size(free, per_video)
-    ctx["batch_size"] = batch
-    return (f"free {free / 2**30:.1f} of {total / 2**30:.1f} GiB; derived {activation_bytes_per_video(shapes) / 2**20:.1f}"
+    from config import UnifiedModelConfig
+
+    default = ForwardShapes.of_config(UnifiedModelConfig())
+    return (f"default config (ViT-B/32, 32 frames): {activation_bytes_per_video(default) / 2**20:.1f} MiB activations + "
+            f"{(device_bytes_per_video(default) - activation_bytes_per_video(default)) / 2**20:.1f} MiB upload per video; "
+            f"this model: free {free / 2**30:.1f} of {total / 2**30:.1f} GiB; derived {activation_bytes_per_video(shapes) / 2**20:.1f}"
             f" MiB activations + {(per_video - activation_bytes_per_video(shapes)) / 2**20:.1f} MiB upload per video"
             f" -> batch {batch}{'' if ctx['cuda'] else ' (dry run: 16 GiB assumed)'}")
 

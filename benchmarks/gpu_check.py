@@ -257,11 +257,12 @@ STEPS: List[tuple] = [
 def _context(args, work: Path) -> Dict:
     from config import from_dict
     from modules.module_clip import random_state_dict
-    from modules.training import small_clip_state_dict, small_config_dict
+    from modules.clip_archs import small_arch
+    from modules.training import small_config_dict
     from unified_model import create_unified_model
 
     cuda = not args.dry_run
-    small_state = small_clip_state_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS, text_layers=SMALL_LAYERS)
+    small_state = random_state_dict(small_arch(SMALL_SIZE, vision_layers=SMALL_LAYERS, text_layers=SMALL_LAYERS))
     if args.dry_run:
         state = small_state
         config = {**small_config_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS), "clip_weights": "random"}

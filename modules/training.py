@@ -442,34 +442,9 @@ class Trainer:
             raise ConfigError("training.batch_size", f"{cfg.batch_size} is not divisible by the {self.env.world_size} "
                                                      "processes (batch_size is the global batch)")
         _seed_everything(cfg.seed)
-
-        # the main process reads (and for synthetic data, generates) the data first
-        if self.env.distributed and not self.env.is_main:
-            dist.barrier()
-        self.data: DataSplits = load_data_splits(cfg, need_train=need_train, synthetic_size=_synthetic_size(config))
-        if self.env.distributed and self.env.is_main:
-            dist.barrier()
-        self.train_set = TrainPairs(self.data.train, config.num_segments, config.video_size, config.max_words,
-                                    cfg.seed, cfg.expand_sentences)
-        micro_per_epoch = len(self.train_set) // cfg.batch_size
-        self.steps_per_epoch = micro_per_epoch // cfg.grad_accum_steps
-        if need_train and self.steps_per_epoch < 1:
-            raise ConfigError("training.batch_size", f"batch_size {cfg.batch_size} x grad_accum_steps "
-                              f"{cfg.grad_accum_steps} exceeds the {len(self.train_set)} training items")
-        self.phases = plan_phases(cfg, self.mode, max(1, self.steps_per_epoch))
-        self.total_steps = sum(p.num_steps for p in self.phases)
-
-        self.model = UnifiedTempMeSTOPModel(config, clip_state_dict).to(self.device)
-        if init_checkpoint is not None:
-            payload = read_checkpoint(init_checkpoint)
-            check_architecture(payload["config"], config, init_checkpoint, _TRAINED_WITH)
-            self.model.load_trainable_state(payload["trainable"], source=init_checkpoint)
-            logger.info("initialised trainable tensors from %s", init_checkpoint)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, self.phases, cfg.warmup_proportion)
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg.amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp and cuda))
+        self._setup_data(need_train)
+        self._setup_model(clip_state_dict, init_checkpoint)
+        self._setup_optimisation()
 
         self.step = 0  # optimizer steps taken
         self.epoch = 0  # epoch in progress (or next to start)
@@ -491,6 +466,45 @@ class Trainer:
                     self.mode, len(self.train_set), len(self.data.train.videos),
                     f"{len(self.data.val.videos)} videos" if self.data.val else "no",
                     self.steps_per_epoch, self.total_steps, [(p.name, p.num_steps) for p in self.phases])
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_data(self, need_train: bool) -> None:
+        """Data splits, training pairs, steps per epoch and the phase plan."""
+        cfg, config, env = self.cfg, self.config, self.env
+        # the main process reads (and for synthetic data, generates) the data first
+        if env.distributed and not env.is_main:
+            dist.barrier()
+        self.data: DataSplits = load_data_splits(cfg, need_train=need_train, synthetic_size=_synthetic_size(config))
+        if env.distributed and env.is_main:
+            dist.barrier()
+        self.train_set = TrainPairs(self.data.train, config.num_segments, config.video_size, config.max_words,
+                                    cfg.seed, cfg.expand_sentences)
+        micro_per_epoch = len(self.train_set) // cfg.batch_size
+        self.steps_per_epoch = micro_per_epoch // cfg.grad_accum_steps
+        if need_train and self.steps_per_epoch < 1:
+            raise ConfigError("training.batch_size", f"batch_size {cfg.batch_size} x grad_accum_steps "
+                              f"{cfg.grad_accum_steps} exceeds the {len(self.train_set)} training items")
+        self.phases = plan_phases(cfg, self.mode, max(1, self.steps_per_epoch))
+        self.total_steps = sum(p.num_steps for p in self.phases)
+
+    def _setup_model(self, clip_state_dict: Optional[Dict[str, torch.Tensor]], init_checkpoint: Optional[str]) -> None:
+        """The model on the training device, optionally starting from a checkpoint's trained tensors."""
+        config = self.config
+        self.model = UnifiedTempMeSTOPModel(config, clip_state_dict).to(self.device)
+        if init_checkpoint is not None:
+            payload = read_checkpoint(init_checkpoint)
+            check_architecture(payload["config"], config, init_checkpoint, _TRAINED_WITH)
+            self.model.load_trainable_state(payload["trainable"], source=init_checkpoint)
+            logger.info("initialised trainable tensors from %s", init_checkpoint)
+
+    def _setup_optimisation(self) -> None:
+        """Optimizer, lr schedule, autocast dtype and gradient scaler."""
+        cfg = self.cfg
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = build_scheduler(self.optimizer, self.phases, cfg.warmup_proportion)
+        cuda = self.device.type == "cuda"
+        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg.amp else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp and cuda))
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -576,7 +590,7 @@ class Trainer:
             self.model.train()
             bar = tqdm(total=self.steps_per_epoch, initial=start // accum, disable=not self.progress,
                        desc=f"epoch {epoch + 1}/{cfg.num_epochs} [{phase.name}]", dynamic_ncols=True)
-            interrupted = False
+            stopped = False
             for micro, batch in enumerate(loader, start=start):
                 window.append(self._forward_backward(batch))
                 if (micro + 1) % accum:
@@ -594,29 +608,33 @@ class Trainer:
                 if cfg.save_every_steps and self.step % cfg.save_every_steps == 0 and self.batches_done < micro_per_epoch:
                     self.save("last")
                 if self.step >= self.total_steps or (stop_at_step is not None and self.step >= stop_at_step):
-                    interrupted = self.batches_done < micro_per_epoch
+                    stopped = True
                     break
             bar.close()
-            if interrupted:
-                improved = False
-                if self.step >= self.total_steps:  # max_steps reached mid-epoch: final evaluation
-                    self._evaluate_and_track()
-                    improved = self._track_best()
-                self.save("last", *(["best"] if improved else []))
-                return self._summary(time.time() - t0)
-            # epoch complete
-            self.epoch, self.batches_done = epoch + 1, 0
-            final = self.step >= self.total_steps or self.epoch >= cfg.num_epochs
-            if (self.epoch % cfg.eval_every == 0) or final:
-                self._evaluate_and_track()
-            # best R@1 is updated before saving, so every checkpoint of this epoch records it
-            # (a resumed run must not overwrite best.pth with a worse model)
-            epoch_name = [f"checkpoint_epoch_{self.epoch}"] if cfg.keep_checkpoints != 0 else []
-            self.save(*epoch_name, "last", *(["best"] if self._track_best() else []))
-            self._prune_epoch_checkpoints()
-            if final or (stop_at_step is not None and self.step >= stop_at_step):
+            epoch_done = self.batches_done >= micro_per_epoch
+            self._end_stretch(epoch_done)
+            if stopped or self.epoch >= cfg.num_epochs:
                 break
         return self._summary(time.time() - t0)
+
+    def _end_stretch(self, epoch_done: bool) -> None:
+        """End of an epoch, or of a run stopped inside one: evaluate when due, track the best, save.
+
+        An evaluation is due after every ``eval_every``-th epoch and at the end of the run
+        (last epoch or ``total_steps``). The best R@1 is updated before saving, so every
+        checkpoint written here records it (a resumed run must not overwrite best.pth with
+        a worse model). Completed epochs also get their ``checkpoint_epoch_<n>`` file.
+        """
+        cfg = self.cfg
+        if epoch_done:
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        final = self.step >= self.total_steps or self.epoch >= cfg.num_epochs
+        if final or (epoch_done and self.epoch % cfg.eval_every == 0):
+            self._evaluate_and_track()
+        names = [f"checkpoint_epoch_{self.epoch}"] if epoch_done and cfg.keep_checkpoints != 0 else []
+        self.save(*names, "last", *(["best"] if self._track_best() else []))
+        if epoch_done:
+            self._prune_epoch_checkpoints()
 
     def _summary(self, seconds: float = 0.0) -> Dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "total_steps": self.total_steps, "seconds": seconds,

@@ -27,6 +27,8 @@ __all__ = [
     "parse_int_list",
     "read_json_object",
     "ENCODER_DEPTH",
+    "CONFIG_DIR",
+    "default_config_path",
 ]
 
 # Transformer depth of the vision towers we know; used to validate merge layers before
@@ -39,6 +41,15 @@ TRAINING_MODES = ("joint", "tempme_only", "stop_only", "sequential")
 DATATYPES = ("msrvtt", "csv", "synthetic")
 PRECISIONS = ("fp32", "fp16", "bf16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+
+# The shipped default configs: beside this file in a checkout, installed with it as package
+# data by `pip install .`, so scripts find them from any working directory.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def default_config_path(name: str) -> str:
+    """Path of a shipped config file, e.g. ``default_config_path("training_config.json")``."""
+    return os.path.join(CONFIG_DIR, name)
 
 
 class ConfigError(ValueError):

@@ -17,16 +17,16 @@ import os
 import sys
 from typing import Any, Dict, List, Optional
 
-from config import ConfigError, TRAINING_MODES, DATATYPES, read_json_object
+from config import ConfigError, TRAINING_MODES, DATATYPES, default_config_path, read_json_object
 
-DEFAULT_CONFIG = os.path.join("configs", "training_config.json")
+DEFAULT_CONFIG = default_config_path("training_config.json")
 logger = logging.getLogger("train_unified_model")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train the unified TempMe-STOP video-text model (see TRAINING_GUIDE.md).")
     p.add_argument("--config", "--config_path", dest="config", default=DEFAULT_CONFIG,
-                   help=f"JSON config with a 'training' section (default: {DEFAULT_CONFIG})")
+                   help="JSON config with a 'training' section (default: the shipped configs/training_config.json)")
     p.add_argument("--mode", choices=TRAINING_MODES, default=None, help="training mode (default: training.training_mode)")
     p.add_argument("--resume", default=None, metavar="PATH",
                    help="training checkpoint to continue exactly (a file, or a checkpoint folder: its last.pth)")

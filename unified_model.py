@@ -30,7 +30,7 @@ from modules.heads import build_head
 from modules.lora import LoRAQKV, merge_lora_weights
 from modules.module_clip import build_model, load_or_random
 from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
-from modules.tempme_encoder import MergeSchedule, PromptInputs, TempMeEncoder
+from modules.tempme_encoder import PromptInputs, TempMeEncoder
 from modules.tokenization_clip import tokenize_for_model
 from modules.video_sampler import SampledVideo, sample_video
 
@@ -138,11 +138,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
         depth = len(visual.transformer.resblocks)
         grid = visual.grid_size
         lora_dim = config.tempme.lora_dim
-        schedule = MergeSchedule.from_config(config.tempme)
-        try:
-            self.tempme = TempMeEncoder(width, depth, config.max_frames, schedule, lora_dim)
-        except ValueError as err:
-            raise ConfigError("tempme.merge_layer", str(err)) from None
+        self.tempme = TempMeEncoder(width, depth, config.max_frames, config.tempme.schedule, lora_dim)
         text_width = self.clip.ln_final.weight.shape[0]
         text_depth = len(self.clip.transformer.resblocks)
         self.text_lora = (

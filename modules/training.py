@@ -213,6 +213,34 @@ def contrastive_loss(text: torch.Tensor, video: torch.Tensor, logit_scale: torch
     return (t2v + v2t) / 2, t2v, v2t
 
 
+def validation_loss(sim: torch.Tensor, caption_video: Sequence[int], logit_scale: float) -> Dict[str, float]:
+    """The contrastive loss of a whole validation split (several captions per video allowed).
+
+    Args:
+        sim: (num_captions, num_videos) cosine similarities.
+        caption_video: video index of each caption.
+        logit_scale: exp of CLIP's logit_scale, as in training.
+
+    Returns:
+        {"loss", "t2v", "v2t"}: t2v is the cross-entropy of each caption over all videos;
+        v2t that of each video over all captions, averaged over its captions (each one a
+        positive); loss is their mean, so one caption per video gives :func:`contrastive_loss`.
+    """
+    logits = logit_scale * sim.float()
+    target = torch.as_tensor(list(caption_video), dtype=torch.long)
+    t2v = F.cross_entropy(logits, target)
+    log_p = logits.t().log_softmax(dim=1)  # (videos, captions)
+    positive = torch.zeros_like(log_p, dtype=torch.bool)
+    positive[target, torch.arange(len(target))] = True
+    per_video = (log_p * positive).sum(dim=1) / positive.sum(dim=1).clamp(min=1)
+    v2t = -per_video[positive.any(dim=1)].mean()
+    return {"loss": float((t2v + v2t) / 2), "t2v": float(t2v), "v2t": float(v2t)}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or a trained tensor) stopped being finite: training stops, nothing is saved."""
+
+
 # ============================================================================ optimisation
 
 
@@ -280,6 +308,9 @@ def plan_phases(cfg: TrainingConfig, mode: str, steps_per_epoch: int) -> List[Ph
         total = min(total, cfg.max_steps)
     extra = ("backbone",) if cfg.train_backbone else ()
     if mode == "sequential":
+        problem = cfg.sequential_problem()  # --mode sequential may come after the config was read
+        if problem is not None:
+            raise ConfigError(f"training.{problem[0]}", problem[1])
         split = cfg.tempme_phase_epochs
         first = min(split * steps_per_epoch, total)
         phases = [
@@ -316,6 +347,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, phases: Sequence[Phase], w
     """LambdaLR applying :func:`lr_factor` to every param group."""
     phases = list(phases)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, phases, warmup_proportion))
+
+
+def autocast_dtype(cfg: TrainingConfig, device: torch.device) -> torch.dtype:
+    """The dtype of ``training.amp_dtype`` on ``device``: auto = bf16 on CPU, fp16 on CUDA."""
+    if cfg.amp_dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.float16 if cfg.amp_dtype == "fp16" else torch.bfloat16
 
 
 # ============================================================================ RNG state
@@ -409,6 +447,12 @@ def small_config_dict(image_resolution: int = 64, vision_layers: int = 4, max_fr
 # ============================================================================ trainer
 
 
+def run_files(checkpoint_dir: str) -> List[str]:
+    """The files a training run leaves in ``checkpoint_dir``: checkpoints and TensorBoard events."""
+    patterns = ("last.pth", "best.pth", "checkpoint_epoch_*.pth", os.path.join("logs", "events.out.tfevents.*"))
+    return sorted(p for pattern in patterns for p in glob.glob(os.path.join(glob.escape(checkpoint_dir), pattern)))
+
+
 class Trainer:
     """One training run: data, model, optimizer, schedule, checkpoints, logs.
 
@@ -422,12 +466,15 @@ class Trainer:
         env: process placement (default: single process on ``config.device``).
         progress: tqdm bars on the main process.
         log_dir: TensorBoard folder (default ``checkpoint_dir/logs``); False = no logs.
+        need_train: False for evaluation only (no training split needed, nothing written).
+        overwrite: a fresh run may replace another run's checkpoints and logs in
+            ``checkpoint_dir`` (otherwise that is a ConfigError naming --resume and --overwrite).
     """
 
     def __init__(self, config: UnifiedModelConfig, mode: Optional[str] = None, *,
                  clip_state_dict: Optional[Dict[str, torch.Tensor]] = None, resume: Optional[str] = None,
                  init_checkpoint: Optional[str] = None, env: Optional[DistEnv] = None, progress: bool = True,
-                 log_dir: Any = None, need_train: bool = True) -> None:
+                 log_dir: Any = None, need_train: bool = True, overwrite: bool = False) -> None:
         self.config = config
         if config.training is None:
             config.training = TrainingConfig()
@@ -441,7 +488,10 @@ class Trainer:
         if cfg.batch_size % self.env.world_size:
             raise ConfigError("training.batch_size", f"{cfg.batch_size} is not divisible by the {self.env.world_size} "
                                                      "processes (batch_size is the global batch)")
+        if need_train and resume is None:
+            self._claim_checkpoint_dir(overwrite)
         _seed_everything(cfg.seed)
+        self.phase: Optional[Phase] = None
         self._setup_data(need_train)
         self._setup_model(clip_state_dict, init_checkpoint)
         self._setup_optimisation()
@@ -452,6 +502,7 @@ class Trainer:
         self.best_r1: Optional[float] = None
         self.last_metrics: Optional[Dict[str, Dict[str, float]]] = None
         self.history: List[Dict[str, float]] = []
+        self.last_saved: Optional[str] = resume
         if resume is not None:
             self._load_training_checkpoint(resume)
         else:
@@ -468,6 +519,24 @@ class Trainer:
                     self.steps_per_epoch, self.total_steps, [(p.name, p.num_steps) for p in self.phases])
 
     # ------------------------------------------------------------------ set-up
+    def _claim_checkpoint_dir(self, overwrite: bool) -> None:
+        """Refuse to start afresh over another run's files, or (overwrite) delete them first."""
+        folder = self.cfg.checkpoint_dir
+        found = run_files(folder)
+        if not found:
+            return
+        if not overwrite:
+            names = ", ".join(sorted({os.path.relpath(p, folder) for p in found})[:4])
+            raise ConfigError("training.checkpoint_dir", f"{folder} holds another run ({names}); continue it with "
+                                                         f"--resume {os.path.join(folder, 'last.pth')}, or start afresh "
+                                                         "with --overwrite (deletes its checkpoints and logs)")
+        if self.env.is_main:
+            for path in found:
+                os.remove(path)
+            logger.info("--overwrite: removed %d files of the previous run in %s", len(found), folder)
+        if self.env.distributed:
+            dist.barrier()
+
     def _setup_data(self, need_train: bool) -> None:
         """Data splits, training pairs, steps per epoch and the phase plan."""
         cfg, config, env = self.cfg, self.config, self.env
@@ -502,9 +571,10 @@ class Trainer:
         cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, self.phases, cfg.warmup_proportion)
-        cuda = self.device.type == "cuda"
-        self.amp_dtype = (torch.float16 if cuda else torch.bfloat16) if cfg.amp else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=bool(cfg.amp and cuda))
+        self.amp_dtype = autocast_dtype(cfg, self.device) if cfg.amp else None
+        # fp16 needs loss scaling wherever it runs (GradScaler supports CPU too): tiny
+        # gradients would underflow, and steps whose gradients overflow are skipped
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
     # ------------------------------------------------------------------ helpers
     def _autocast(self):
@@ -521,6 +591,7 @@ class Trainer:
 
     def apply_phase(self, phase: Phase) -> None:
         """requires_grad True exactly for the phase's groups (logit_scale always frozen)."""
+        self.phase = phase
         for group in GROUPS:
             for name, p in self.model.named_group_parameters(group):
                 p.requires_grad_(group in phase.groups and name not in _FROZEN)
@@ -534,6 +605,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _forward_backward(self, batch: Dict[str, torch.Tensor]) -> Tuple[float, float, float]:
+        """Loss of one micro-batch, backpropagated (scaled); TrainingDiverged if it is not finite."""
         frames = batch["frames"].to(self.device, non_blocking=True)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         with self._autocast():
@@ -543,33 +615,50 @@ class Trainer:
         video = gather_with_local_grad(video.float(), self.env)
         text = gather_with_local_grad(text, self.env)
         loss, t2v, v2t = contrastive_loss(text, video, self.logit_scale)
+        if not torch.isfinite(loss):
+            lrs = ", ".join(f"{group} {lr:.3g}" for group, lr in self.group_lrs().items())
+            raise TrainingDiverged(f"non-finite loss ({float(loss.detach())}) at step {self.step + 1} (epoch {self.epoch + 1}), "
+                                   f"learning rates {lrs}; training stopped, no checkpoint written for this step "
+                                   "(lower the learning rates, or try --no-amp)")
         self.scaler.scale(loss / self.cfg.grad_accum_steps).backward()
         return float(loss.detach()), float(t2v.detach()), float(v2t.detach())
 
-    def _optimizer_step(self) -> float:
+    def _optimizer_step(self) -> Tuple[float, bool]:
+        """Clip, step and schedule; (gradient norm, whether the scaler skipped the update).
+
+        With fp16 the GradScaler skips a step whose gradients hold inf/NaN (and halves its
+        scale); the lr schedule moves on either way, as the step counter does.
+        """
         params = self.trainable_parameters()
         _all_reduce_grads(params, self.env)
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        skipped = self.scaler.is_enabled() and self.scaler.get_scale() < scale
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(grad_norm)
+        return float(grad_norm), skipped
 
     def group_lrs(self) -> Dict[str, float]:
-        """Current learning rate of each optimizer group (first param group of each)."""
+        """Current learning rate of each group the phase trains (first param group of each).
+
+        Frozen groups are left out: stop_only and sequential's STOP phase have no TempMe rate.
+        """
+        trained = self.phase.groups if self.phase is not None else GROUPS
         out: Dict[str, float] = {}
         for pg in self.optimizer.param_groups:
-            out.setdefault(pg["group"], pg["lr"])
+            if pg["group"] in trained:
+                out.setdefault(pg["group"], pg["lr"])
         return out
 
     # ------------------------------------------------------------------ training
     def train(self, stop_at_step: Optional[int] = None) -> Dict[str, Any]:
         """Train until ``total_steps``; returns a summary (steps, last loss, metrics).
 
-        stop_at_step: stop after this optimizer step as if interrupted (``last.pth`` is
-        written so that ``resume`` continues exactly); used by tests.
+        stop_at_step: stop after this optimizer step, as a pre-empted run would (``last.pth``
+        is written so that ``resume`` continues exactly).
         """
         cfg = self.cfg
         accum = cfg.grad_accum_steps
@@ -596,12 +685,16 @@ class Trainer:
                 if (micro + 1) % accum:
                     continue
                 lrs = self.group_lrs()  # the rates this step uses (the scheduler moves them on)
-                grad_norm = self._optimizer_step()
+                grad_norm, skipped = self._optimizer_step()
                 self.step += 1
                 self.batches_done = micro + 1
                 loss, t2v, v2t = (float(np.mean([w[i] for w in window])) for i in range(3))
                 window.clear()
-                self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm})
+                self.history.append({"step": self.step, "loss": loss, "grad_norm": grad_norm, "skipped": skipped,
+                                     "loss_scale": self.scaler.get_scale()})
+                if skipped:
+                    logger.warning("step %d skipped: inf/NaN gradients at loss scale %g (fp16); scale now %g",
+                                   self.step, self.history[-1]["loss_scale"] * 2, self.history[-1]["loss_scale"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 self._log_step(loss, t2v, v2t, grad_norm, lrs)
@@ -649,6 +742,8 @@ class Trainer:
             self.writer.add_scalar("train/loss_t2v", t2v, self.step)
             self.writer.add_scalar("train/loss_v2t", v2t, self.step)
             self.writer.add_scalar("train/grad_norm", grad_norm, self.step)
+            if self.scaler.is_enabled():
+                self.writer.add_scalar("train/loss_scale", self.scaler.get_scale(), self.step)
             self.writer.add_scalar("train/epoch", self.epoch, self.step)
             for group, lr in lrs.items():
                 self.writer.add_scalar(f"lr/{group}", lr, self.step)
@@ -701,7 +796,9 @@ class Trainer:
             videos[vids] = vemb
             texts[tids] = temb
             failed += nfail
-        metrics = retrieval_metrics(texts @ videos.t(), split.caption_video)
+        sim = texts @ videos.t()
+        metrics = retrieval_metrics(sim, split.caption_video)
+        metrics["loss"] = validation_loss(sim, split.caption_video, float(self.logit_scale))
         metrics["info"] = {"videos": float(len(split.videos)), "captions": float(len(split.captions)),
                            "failed_videos": float(failed)}
         if was_training:
@@ -713,12 +810,17 @@ class Trainer:
         if metrics is None:
             return
         self.last_metrics = metrics
+        # self.epoch counts finished epochs at a boundary, else it is the 0-based epoch in progress
+        epoch = self.epoch + (1 if self.batches_done else 0)
         if self.env.is_main:
-            logger.info("validation after step %d (epoch %d):\n%s", self.step, self.epoch, format_metrics(metrics))
+            logger.info("validation after step %d (epoch %d): loss %.4f\n%s", self.step, epoch,
+                        metrics["loss"]["loss"], format_metrics(metrics))
         if self.writer is not None:
             for direction in ("t2v", "v2t"):
                 for key, value in metrics[direction].items():
                     self.writer.add_scalar(f"val/{direction}_{key}", value, self.step)
+            for key, value in metrics["loss"].items():  # next to train/loss, train/loss_t2v, train/loss_v2t
+                self.writer.add_scalar("val/loss" if key == "loss" else f"val/loss_{key}", value, self.step)
             self.writer.flush()
 
     def _track_best(self) -> bool:
@@ -756,17 +858,26 @@ class Trainer:
         })
         return payload
 
+    def resume_point(self) -> Optional[str]:
+        """The checkpoint ``--resume`` would continue this run from (None before the first save)."""
+        return self.last_saved
+
     def save(self, *names: str) -> List[str]:
         """Write the training state to ``checkpoint_dir/<name>.pth`` for each name (main
         process only; others wait). The state is gathered once for all names."""
         paths = [os.path.join(self.cfg.checkpoint_dir, f"{name}.pth") for name in names]
         if self.env.is_main:
             state = self.checkpoint_state()
+            bad = [n for n, t in state["trainable"].items() if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise TrainingDiverged(f"step {self.step}: {len(bad)} trained tensors hold inf/NaN ({bad[0]}, ...); "
+                                       f"not saved")
             for path in paths:
                 atomic_torch_save(state, path)
                 logger.debug("saved %s", path)
         if self.env.distributed:
             dist.barrier()
+        self.last_saved = os.path.join(self.cfg.checkpoint_dir, "last.pth") if "last" in names else self.last_saved
         return paths
 
     def _prune_epoch_checkpoints(self) -> None:

@@ -585,3 +585,60 @@ def test_training_example_re_asks_epochs_and_shows_defaults(tmp_path, capsys, cl
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: video_size: 224 but the CLIP weights expect 32px") and "\n" not in err
     assert (tmp_path / "new" / "folder" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------- fp16 + GradScaler on CPU (issue 15)
+
+_SCALER = {"growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 1, "_growth_tracker": 0}
+
+
+def _fp16_trainer(tmp_path, data_dir, clip_state, name, resume=None):
+    config = _config(tmp_path / name, data_dir, max_steps=3, amp=True, amp_dtype="fp16", batch_size=4)
+    return Trainer(config, "joint", clip_state_dict=clip_state, progress=False, log_dir=False, resume=resume)
+
+
+def test_fp16_autocast_with_grad_scaler_on_cpu(clip_state, tmp_path, data_dir):
+    """The CUDA recipe (fp16 autocast + GradScaler) runs on CPU: an overflowing scale skips the
+    step (weights unchanged) and backs off; finite steps update and grow the scale."""
+    trainer = _fp16_trainer(tmp_path, data_dir, clip_state, "fp16")
+    assert trainer.amp_dtype == torch.float16 and trainer.scaler.is_enabled()
+    trainer.scaler.load_state_dict({"scale": 2.0 ** 40, **_SCALER})  # fp16 gradients overflow at this scale
+    before = _trainables(trainer)
+    trainer.train(stop_at_step=1)
+    assert trainer.history[-1]["skipped"] and trainer.scaler.get_scale() == 2.0 ** 39
+    assert not _changed(before, _trainables(trainer), before.keys())  # the skipped step changed nothing
+    trainer.scaler.load_state_dict({"scale": 8.0, **_SCALER})
+    trainer.train()
+    assert [h["skipped"] for h in trainer.history] == [True, False, False]
+    assert [h["loss_scale"] for h in trainer.history[1:]] == [16.0, 32.0]  # growth after every good step
+    assert _changed(before, _trainables(trainer), _names(trainer.model, "stop"))
+    assert all(math.isfinite(h["loss"]) for h in trainer.history)
+    saved = read_checkpoint(os.path.join(trainer.cfg.checkpoint_dir, "last.pth"))["scaler"]
+    assert saved == trainer.scaler.state_dict()
+
+
+def test_fp16_resume_restores_the_scaler_exactly(clip_state, tmp_path, data_dir):
+    full = _fp16_trainer(tmp_path, data_dir, clip_state, "full")
+    full.scaler.load_state_dict({"scale": 8.0, **_SCALER})
+    full.train()
+    part = _fp16_trainer(tmp_path, data_dir, clip_state, "part")
+    part.scaler.load_state_dict({"scale": 8.0, **_SCALER})
+    part.train(stop_at_step=1)
+    resumed = _fp16_trainer(tmp_path, data_dir, clip_state, "part",
+                            resume=os.path.join(part.cfg.checkpoint_dir, "last.pth"))
+    assert resumed.scaler.state_dict() == part.scaler.state_dict()
+    resumed.train()
+    assert resumed.scaler.state_dict() == full.scaler.state_dict()
+    a, b = _trainables(full), _trainables(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [h["loss"] for h in full.history[1:]] == [h["loss"] for h in resumed.history]
+
+
+def test_amp_dtype_auto_is_bf16_on_cpu(clip_state, tmp_path, data_dir):
+    from modules.training import autocast_dtype
+
+    cfg = _config(tmp_path, data_dir).training
+    assert autocast_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(cfg, torch.device("cuda")) == torch.float16
+    cfg.amp_dtype = "bf16"
+    assert autocast_dtype(cfg, torch.device("cuda")) == torch.bfloat16

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -27,6 +28,7 @@ __all__ = [
     "parse_int_list",
     "MergeSchedule",
     "suggest_frame_factors",
+    "effective_precision",
     "read_json_object",
     "ENCODER_DEPTH",
     "CONFIG_DIR",
@@ -573,6 +575,21 @@ class UnifiedModelConfig(_Section):
 
     def to_json(self, path: Union[str, os.PathLike]) -> None:
         to_json(self, path)
+
+
+def effective_precision(precision: str, device_type: str, force: bool = False) -> str:
+    """The inference precision that runs on a ``device_type`` ("cpu", "cuda", ...) device.
+
+    fp16 on a CPU has no fast kernels and runs far slower than fp32, so it runs as fp32
+    there, with a warning, unless ``force`` (the tests force it to prove the fp16 path on
+    CPU). bf16 is the reduced precision with fast CPU kernels; fp32 and bf16 run as asked.
+    """
+    if precision == "fp16" and device_type == "cpu" and not force:
+        logging.getLogger(__name__).warning(
+            "precision fp16 on CPU is much slower than fp32 (no fast fp16 kernels): using fp32; "
+            "set precision to bf16 for reduced precision on CPU")
+        return "fp32"
+    return precision
 
 
 def from_dict(data: Dict[str, Any]) -> UnifiedModelConfig:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ConfigError, UnifiedModelConfig, from_dict, from_json
+from config import ConfigError, UnifiedModelConfig, effective_precision, from_dict, from_json
 from modules.frame_compression import compress_frames
 from modules.heads import build_head
 from modules.lora import LoRAQKV, merge_lora_weights
@@ -440,6 +440,8 @@ def create_unified_model(
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     clip_weights: Optional[str] = None,
     config: Optional[UnifiedModelConfig] = None,
+    *,
+    force_precision: bool = False,
 ) -> UnifiedTempMeSTOPModel:
     """Build a ready-to-use model in eval mode.
 
@@ -447,6 +449,8 @@ def create_unified_model(
     device: "auto" (CUDA when present), "cpu", "cuda", ...; "auto" defers to config.device.
     checkpoint: trained tensors from train_unified_model.py / save_checkpoint.
     clip_weights: overrides config.clip_weights (a file, a model name or "random").
+    force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a
+        warning, see :func:`config.effective_precision`).
     """
     payload = read_checkpoint(checkpoint) if checkpoint is not None else None
     if config is None:
@@ -462,6 +466,9 @@ def create_unified_model(
     if clip_weights is not None:
         config = dataclasses.replace(config, clip_weights=clip_weights)  # leave the caller's config as it was
     target = resolve_model_device(device, config)
+    precision = effective_precision(config.precision, target.type, force=force_precision)
+    if precision != config.precision:
+        config = dataclasses.replace(config, precision=precision)
     model = UnifiedTempMeSTOPModel(config)
     if payload is not None:
         model.load_trainable_state(payload["trainable"], source=os.fspath(checkpoint))

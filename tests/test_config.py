@@ -172,3 +172,36 @@ def test_merge_schedule_is_parsed_once_from_the_config():
     assert schedule.clips_before_merges(12) == [12, 4, 2]
     with pytest.raises(ConfigError, match=r"^tempme\.merge_layer: layers are 0-indexed blocks of the 4-block"):
         schedule.check(12, depth=4)  # the encoder's check against the weights it was built from
+
+
+def test_fp16_on_cpu_runs_as_fp32_unless_forced(tmp_path, caplog):
+    """Issue 11.9 / 15.1 (failed before: fp16 on CPU ran without a word). Forced, the fp16
+    autocast path runs on CPU and stays close to fp32."""
+    import logging
+
+    import torch
+
+    from config import effective_precision
+    from modules.training import small_clip_state_dict, small_config_dict
+    from unified_model import create_unified_model
+
+    assert effective_precision("fp16", "cuda") == "fp16" and effective_precision("bf16", "cpu") == "bf16"
+    assert effective_precision("fp16", "cpu", force=True) == "fp16"
+    clip_file = tmp_path / "clip.pt"
+    torch.save(small_clip_state_dict(32, vision_width=64, vision_layers=2, text_width=64, text_layers=2), clip_file)
+    data = small_config_dict(32, vision_layers=2)
+    data["clip_weights"] = str(clip_file)
+    fp16 = from_dict({**data, "precision": "fp16"})
+    with caplog.at_level(logging.WARNING):
+        model = create_unified_model(config=fp16, device="cpu")
+    assert model.config.precision == "fp32" and fp16.precision == "fp16"  # the caller's config is untouched
+    assert "precision fp16 on CPU is much slower than fp32" in caplog.text
+    forced = create_unified_model(config=fp16, device="cpu", force_precision=True)
+    plain = create_unified_model(config=from_dict(data), device="cpu")
+    assert forced.config.precision == "fp16"
+    frames = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        half = forced.encode_videos(frames).video_embeddings.float()
+        full = plain.encode_videos(frames).video_embeddings
+    cosine = torch.nn.functional.cosine_similarity(half, full, dim=-1)
+    assert (cosine > 0.99).all() and not torch.equal(half, full), cosine  # ran in fp16, close to fp32

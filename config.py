@@ -16,6 +16,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
+from modules.atomic_io import save_text_atomic
+
 __all__ = [
     "ConfigError",
     "TempMeConfig",
@@ -629,8 +631,4 @@ def to_json(config: UnifiedModelConfig, path: Union[str, os.PathLike]) -> None:
     data = config.to_dict()
     if data.get("training") is None:
         data.pop("training", None)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    save_text_atomic(path, json.dumps(data, indent=2) + "\n")

@@ -5,6 +5,11 @@ Modes (pick one):
   --video_path V --query Q [--top_k K]       one video: the INFERENCE RESULTS report
   --batch_file B.json [--output R.json]      many {"video_path", "query"} pairs -> JSON results
   --embeddings_dir D --query Q [--top_k K]   rank the videos of an extracted folder by similarity
+      [--query Q2 ...] [--moments] [--image P]  (with a video library: several queries, one model
+                                               load; --moments lists time spans; --image queries
+                                               by example)
+  --embeddings_dir D --index                 build or extend D's video library from its files
+  --embeddings_dir D --serve [--port 8000]   search page + JSON API on http://127.0.0.1:8000
   --demo                                     make small videos and run the whole chain end to end
 
 Exit status: 0 success, 1 some pair failed (its result says why), 2 usage error
@@ -16,6 +21,7 @@ The library function is modules.retrieval.batch_retrieve_events, importable from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -46,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mode = parser.add_argument_group("what to run (one of --video_path, --batch_file, --embeddings_dir, --demo)")
     mode.add_argument("--video_path", default=None, help="video to search in, with --query")
-    mode.add_argument("--query", default=None, help="text describing the moment (or, with --embeddings_dir, the video)")
+    mode.add_argument("--query", action="append", default=None,
+                      help="text describing the moment (or, with --embeddings_dir, the video); with --embeddings_dir "
+                           "it may be given several times (one model load for all)")
     mode.add_argument("--top_k", type=int_at_least(1), default=None,
                       help="frames to return (videos with --embeddings_dir) (default: the config's top_k, 5)")
     mode.add_argument("--batch_file", default=None,
@@ -58,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--embeddings_dir", default=None,
                       help="folder written by extract_video_embeddings.py: rank its videos by cosine similarity "
                            "with --query")
+    library = parser.add_argument_group("video library (with --embeddings_dir)")
+    library.add_argument("--moments", action="store_true",
+                         help="list matching moments (video, time span, frame) instead of videos; needs the library")
+    library.add_argument("--image", default=None,
+                         help="query by example: a picture whose CLIP image embedding is searched for")
+    library.add_argument("--index", action="store_true",
+                         help="build or extend the folder's video library (library/) from its per-video files")
+    library.add_argument("--serve", action="store_true",
+                         help="serve the search page and JSON API for the folder's library")
+    library.add_argument("--host", default="127.0.0.1", help="address --serve binds to (default: 127.0.0.1, this machine only)")
+    library.add_argument("--port", type=int_at_least(1), default=8000, help="port of --serve")
     mode.add_argument("--demo", action="store_true",
                       help="write two small videos to a temporary folder and run extraction, retrieval and search "
                            "on them (random CLIP weights when no real ones are available offline, and it says so)")
@@ -78,10 +97,27 @@ def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
     if len(modes) > 1:
         parser.error("choose one of " + ", ".join("--" + m for m in modes))
     mode = modes[0]
-    if mode in ("video_path", "embeddings_dir") and not (args.query and args.query.strip()):
-        parser.error(f"--{mode} needs --query")
-    if mode in ("batch_file", "demo") and args.query is not None:
+    queries = args.query or []
+    if any(not q.strip() for q in queries):
+        parser.error("--query must not be empty")
+    library_flags = [f for f, on in (("--moments", args.moments), ("--image", args.image is not None),
+                                     ("--index", args.index), ("--serve", args.serve)) if on]
+    if library_flags and mode != "embeddings_dir":
+        parser.error(f"{library_flags[0]} is used with --embeddings_dir")
+    if mode == "embeddings_dir":
+        if args.index or args.serve:
+            if queries or args.image or args.moments or (args.index and args.serve):
+                parser.error("--index and --serve run alone (no --query, --image, --moments)")
+            return "index" if args.index else "serve"
+        if not queries and args.image is None:
+            parser.error("--embeddings_dir needs --query (or --image, --index, --serve)")
+        return mode
+    if mode == "video_path" and len(queries) != 1:
+        parser.error("--video_path needs one --query")
+    if mode in ("batch_file", "demo") and queries:
         parser.error(f"--query is not used with --{mode}")
+    if mode == "video_path":
+        args.query = queries[0]
     return mode
 
 
@@ -99,23 +135,27 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_file(args.video_path, "video")
         elif mode == "batch_file":
             check_file(args.batch_file, "batch file")
-        elif mode == "embeddings_dir":
+        elif mode in ("embeddings_dir", "index", "serve"):
             check_dir(args.embeddings_dir, "embeddings directory")
+        if args.image is not None:
+            check_file(args.image, "image")
         check_config_file(args.config_path)
-        jobs = {"video_path": run_single, "batch_file": run_batch, "embeddings_dir": run_search, "demo": run_demo}
+        jobs = {"video_path": run_single, "batch_file": run_batch, "embeddings_dir": run_search, "demo": run_demo,
+                "index": run_index, "serve": run_serve}
         return jobs[mode](args)
 
     return run_cli(job)
 
 
 def _model(args: argparse.Namespace):
-    from modules.retrieval import build_model
+    from unified_model import create_unified_model
 
-    return build_model(args.config_path, device=args.device, checkpoint=args.checkpoint, clip_weights=args.clip_weights)
+    return create_unified_model(args.config_path, device=args.device, checkpoint=args.checkpoint,
+                                clip_weights=args.clip_weights, merge_lora=True)
 
 
 def _write_json(path: str, obj) -> None:
-    from modules.extraction import save_json_atomic
+    from modules.atomic_io import save_json_atomic
 
     save_json_atomic(path, obj)
     print(f"Wrote {path}")
@@ -156,25 +196,55 @@ def run_batch(args: argparse.Namespace) -> int:
 
 
 def run_search(args: argparse.Namespace) -> int:
+    import logging
+
+    from modules import library_cli
     from modules.retrieval import format_search_block, search_embeddings
 
-    model = _model(args)
-    search = search_embeddings(model, args.embeddings_dir, args.query, top_k=args.top_k)
-    print(format_search_block(search))
+    if library_cli.has_library(args.embeddings_dir):
+        searches = library_cli.run_library_search(args)
+        for search in searches:
+            print(library_cli.format_library_block(search))
+    else:
+        library_cli.check_without_library(args)
+        logging.getLogger("inference").warning(library_cli.no_library_hint(args.embeddings_dir))
+        model = _model(args)
+        searches = [search_embeddings(model, args.embeddings_dir, q, top_k=args.top_k) for q in args.query]
+        for search in searches:
+            print(format_search_block(search))
     if args.output:
-        _write_json(args.output, search)
+        _write_json(args.output, searches[0] if len(searches) == 1 else searches)
+    return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    from modules import library_cli
+
+    report = library_cli.run_index(args)
+    print(f"Library {report['library']}: {report['videos']} videos ({report['added']} added with "
+          f"{report['segments']} moments, {report['skipped']} already there, {report['failed']} unreadable)")
+    return 1 if report["failed"] else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from modules import library_cli
+    from modules.search_server import serve
+
+    serve(args.embeddings_dir, host=args.host, port=args.port,
+          encoder_factory=lambda library: library_cli.query_encoder(library, args))
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
     """Two synthetic videos -> directory extraction -> frame retrieval -> embedding search."""
-    from modules.extraction import _resolve_config, extract_directory_embeddings
+    from modules.extraction import extract_directory_embeddings
     from modules.module_clip import WeightsError, load_clip_state_dict, random_state_dict
-    from modules.retrieval import (batch_retrieve_events, build_model, format_inference_block,
-                                   format_search_block, search_embeddings)
+    from modules.retrieval import batch_retrieve_events, format_inference_block, format_search_block, search_embeddings
     from modules.synthetic_video import MovingShape, write_moving_shapes_video
+    from unified_model import create_unified_model, load_model_spec
 
-    config = _resolve_config(args.config_path, args.checkpoint, args.clip_weights)
+    spec = load_model_spec(args.config_path, args.checkpoint, args.clip_weights)
+    config = spec.config
     state = None
     if config.clip_weights != "random":
         try:  # real weights only if they are already here: the demo never downloads
@@ -182,13 +252,14 @@ def run_demo(args: argparse.Namespace) -> int:
             print(f"Demo: using CLIP weights {config.clip_weights or config.tempme.base_encoder}")
         except WeightsError as err:
             print(f"Demo: no CLIP weights available offline ({err}).")
-            config.clip_weights = "random"
+            config = dataclasses.replace(config, clip_weights="random")
     if config.clip_weights == "random":
         print("Demo: using RANDOM CLIP weights: this shows the pipeline working, the matches are not meaningful. "
               "Run extraction or inference once without --demo to download the official weights "
               "(or pass --clip_weights PATH).")
         state = random_state_dict(config.tempme.base_encoder)
-    model = build_model(device=args.device, checkpoint=args.checkpoint, config=config, clip_state_dict=state)
+    spec = dataclasses.replace(spec, config=config)
+    model = create_unified_model(spec=spec, device=args.device, clip_state_dict=state, merge_lora=True)
 
     with tempfile.TemporaryDirectory(prefix="unified_demo_") as tmp:
         videos = os.path.join(tmp, "videos")

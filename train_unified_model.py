@@ -179,14 +179,15 @@ def _print_metrics(metrics: Optional[Dict[str, Any]], header: str) -> None:
 
 
 def _write_metrics(metrics: Optional[Dict[str, Any]], path: str) -> None:
-    from modules.extraction import save_json_atomic
+    from modules.atomic_io import save_json_atomic
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_json_atomic(path, metrics)
 
 
 def _run(args: argparse.Namespace, trainers: List[Any]) -> int:
-    from modules.training import Trainer, TrainingDiverged, init_distributed
+    from modules.distributed import init_distributed
+    from modules.training import Trainer, TrainingDiverged
 
     config = validate(args)
     env = init_distributed(config.device)
@@ -229,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         saved = trainers[0].resume_point() if trainers else None
         return f"continue with --resume {saved}" if saved else "no checkpoint was written yet"
 
-    from modules.training import cleanup_distributed
+    from modules.distributed import cleanup_distributed
 
     try:
         return run_cli(lambda: _run(args, trainers), interrupted_hint=resume_hint)

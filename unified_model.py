@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError, UnifiedModelConfig, effective_precision, from_dict, from_json
+from modules.atomic_io import atomic_write
 from modules.frame_compression import compress_frames
 from modules.heads import build_head
 from modules.lora import LoRAQKV, merge_lora_weights
@@ -40,12 +41,17 @@ __all__ = [
     "FrameHit",
     "CheckpointError",
     "create_unified_model",
+    "load_model_spec",
+    "ModelSpec",
+    "DeviceError",
     "resolve_device",
     "resolve_model_device",
     "ARCHITECTURE_KEYS",
     "check_architecture",
     "rank_hits",
     "group_time_span",
+    "GroupSpans",
+    "group_spans",
     "CHECKPOINT_FORMAT_VERSION",
 ]
 
@@ -61,13 +67,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used with this model (one-line message)."""
 
 
+class DeviceError(RuntimeError):
+    """A device this machine does not have (one-line message)."""
+
+
 def resolve_device(device: Union[str, torch.device, None] = "auto") -> torch.device:
     """"auto" -> CUDA when available, else CPU; "cuda" without a GPU is an error."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DeviceError(f"unknown device {str(device)!r} ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but no CUDA GPU is available (use --device auto or cpu)")
+        raise DeviceError("device 'cuda' requested but no CUDA GPU is available (use --device auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {device} requested but this machine has {torch.cuda.device_count()} CUDA GPUs")
     return device
 
 
@@ -361,26 +376,59 @@ def group_time_span(members: Sequence[int], duration: float, num_sampled: int) -
     return members[0] * segment, (members[-1] + 1) * segment
 
 
+@dataclass
+class GroupSpans:
+    """F frame groups of one video in original-video coordinates (arrays of shape (F,)).
+
+    frames: representative original frame number; timestamps: its presentation time (s);
+    start_frames / end_frames: first / last original frame number sampled in the group;
+    start_times / end_times: seconds covered (:func:`group_time_span`).
+    """
+
+    frames: np.ndarray  # int64
+    timestamps: np.ndarray  # float64
+    start_frames: np.ndarray  # int64
+    end_frames: np.ndarray  # int64
+    start_times: np.ndarray  # float64
+    end_times: np.ndarray  # float64
+
+
+def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarray, torch.Tensor],
+                sampled: SampledVideo) -> GroupSpans:
+    """The one rule from frame groups (positions 0..N-1 in the sampled frame list) to original
+    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration."""
+    indices = np.asarray(sampled.frame_indices, dtype=np.int64)
+    times = np.asarray(sampled.timestamps, dtype=np.float64)
+    reps = np.asarray(representatives, dtype=np.int64)
+    spans = [group_time_span(g, float(sampled.duration), len(indices)) for g in groups]
+    return GroupSpans(
+        frames=indices[reps],
+        timestamps=times[reps],
+        start_frames=np.array([indices[g[0]] for g in groups], dtype=np.int64),
+        end_frames=np.array([indices[g[-1]] for g in groups], dtype=np.int64),
+        start_times=np.array([start for start, _ in spans], dtype=np.float64),
+        end_times=np.array([end for _, end in spans], dtype=np.float64),
+    )
+
+
 def rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: torch.Tensor,
-               sampled: SampledVideo, top_k: Optional[int]) -> List[FrameHit]:
+              sampled: SampledVideo, top_k: Optional[int]) -> List[FrameHit]:
     """Sort groups by score and express them in original frame numbers and seconds."""
-    num = len(sampled.frame_indices)
+    spans = group_spans(groups, representatives, sampled)
     hits, seen = [], set()
     for g in torch.argsort(scores, descending=True, stable=True).tolist():
-        frame = int(sampled.frame_indices[int(representatives[g])])
+        frame = int(spans.frames[g])
         if frame in seen:
             continue
         seen.add(frame)
-        members = groups[g]
-        start_time, end_time = group_time_span(members, sampled.duration, num)
         hits.append(FrameHit(
             frame=frame,
             score=float(scores[g]),
-            start_frame=int(sampled.frame_indices[members[0]]),
-            end_frame=int(sampled.frame_indices[members[-1]]),
-            start_time=round(start_time, 6),
-            end_time=round(end_time, 6),
-            timestamp=float(sampled.timestamps[int(representatives[g])]),
+            start_frame=int(spans.start_frames[g]),
+            end_frame=int(spans.end_frames[g]),
+            start_time=round(float(spans.start_times[g]), 6),
+            end_time=round(float(spans.end_times[g]), 6),
+            timestamp=float(spans.timestamps[g]),
         ))
         if top_k is not None and len(hits) == top_k:
             break
@@ -388,17 +436,8 @@ def rank_hits(scores: torch.Tensor, groups: List[List[int]], representatives: to
 
 
 def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
-    """torch.save to a temp file in the same folder, then rename: never a half-written file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save written whole or not at all (:func:`modules.atomic_io.atomic_write`)."""
+    atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
@@ -434,23 +473,37 @@ def check_architecture(saved: Dict[str, Any], config: UnifiedModelConfig, checkp
                                    + hint.format(key=key, value=saved.get(key)))
 
 
-def create_unified_model(
+@dataclass
+class ModelSpec:
+    """What a model is built from, read and checked once (:func:`load_model_spec`).
+
+    config: the model's config (the caller's object unless an override applied, and then a
+    copy: a caller's config is never written to). checkpoint: the checkpoint path or None.
+    payload: the checkpoint's contents as :func:`read_checkpoint` returned them.
+    """
+
+    config: UnifiedModelConfig
+    checkpoint: Optional[str] = None
+    payload: Optional[Dict[str, Any]] = None
+
+
+#: what a config/checkpoint architecture mismatch adds to its message by default
+_OWN_CONFIG_HINT = "omit --config_path to use the checkpoint's own config"
+
+
+def load_model_spec(
     config_path: Optional[Union[str, os.PathLike]] = None,
-    device: Union[str, torch.device, None] = "auto",
     checkpoint: Optional[Union[str, os.PathLike]] = None,
     clip_weights: Optional[str] = None,
     config: Optional[UnifiedModelConfig] = None,
     *,
-    force_precision: bool = False,
-) -> UnifiedTempMeSTOPModel:
-    """Build a ready-to-use model in eval mode.
+    architecture_hint: str = _OWN_CONFIG_HINT,
+) -> ModelSpec:
+    """Read the config and checkpoint once and check that they agree on the architecture.
 
-    config_path: JSON config (default: the built-in defaults, or the checkpoint's config).
-    device: "auto" (CUDA when present), "cpu", "cuda", ...; "auto" defers to config.device.
-    checkpoint: trained tensors from train_unified_model.py / save_checkpoint.
-    clip_weights: overrides config.clip_weights (a file, a model name or "random").
-    force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a
-        warning, see :func:`config.effective_precision`).
+    config (an object) wins over config_path; without either the checkpoint's own config
+    is used, else the built-in defaults. clip_weights overrides config.clip_weights.
+    Raises ConfigError / CheckpointError with one-line messages.
     """
     payload = read_checkpoint(checkpoint) if checkpoint is not None else None
     if config is None:
@@ -461,15 +514,52 @@ def create_unified_model(
         else:
             config = UnifiedModelConfig()
     if payload is not None:
-        check_architecture(payload["config"], config, checkpoint,
-                           "omit --config_path to use the checkpoint's own config")
-    if clip_weights is not None:
-        config = dataclasses.replace(config, clip_weights=clip_weights)  # leave the caller's config as it was
-    target = resolve_model_device(device, config)
+        check_architecture(payload["config"], config, checkpoint, architecture_hint)
+    if clip_weights is not None and clip_weights != config.clip_weights:
+        config = dataclasses.replace(config, clip_weights=clip_weights)
+    return ModelSpec(config, None if checkpoint is None else os.fspath(checkpoint), payload)
+
+
+def create_unified_model(
+    config_path: Optional[Union[str, os.PathLike]] = None,
+    device: Union[str, torch.device, None] = "auto",
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    clip_weights: Optional[str] = None,
+    config: Optional[UnifiedModelConfig] = None,
+    *,
+    spec: Optional[ModelSpec] = None,
+    clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    merge_lora: bool = False,
+    architecture_hint: str = _OWN_CONFIG_HINT,
+    force_precision: bool = False,
+) -> UnifiedTempMeSTOPModel:
+    """Build a ready-to-use model in eval mode: the one door into the model.
+
+    config_path: JSON config (default: the built-in defaults, or the checkpoint's config).
+    device: "auto" (CUDA when present), "cpu", "cuda", ...; "auto" defers to config.device.
+    checkpoint: trained tensors from train_unified_model.py / save_checkpoint.
+    clip_weights: overrides config.clip_weights (a file, a model name or "random").
+    config: a config object instead of config_path (never modified).
+    spec: config and checkpoint already read by :func:`load_model_spec` (then config_path,
+        checkpoint, clip_weights and config are ignored): the checkpoint is read once.
+    clip_state_dict: CLIP weights already in memory (instead of loading config.clip_weights).
+    merge_lora: fold LoRA into the CLIP weights (inference: same outputs, less compute).
+    architecture_hint: what a config/checkpoint architecture mismatch message adds.
+    force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a
+        warning, see :func:`config.effective_precision`).
+    Raises ConfigError / WeightsError / CheckpointError / DeviceError (one line each).
+    """
+    if spec is None:
+        spec = load_model_spec(config_path, checkpoint, clip_weights, config, architecture_hint=architecture_hint)
+    target = resolve_model_device(device, spec.config)
+    config = spec.config
     precision = effective_precision(config.precision, target.type, force=force_precision)
     if precision != config.precision:
-        config = dataclasses.replace(config, precision=precision)
-    model = UnifiedTempMeSTOPModel(config)
-    if payload is not None:
-        model.load_trainable_state(payload["trainable"], source=os.fspath(checkpoint))
-    return model.to(target).eval()
+        config = dataclasses.replace(config, precision=precision)  # the caller's config stays as it was
+    model = UnifiedTempMeSTOPModel(config, clip_state_dict)
+    if spec.payload is not None:
+        model.load_trainable_state(spec.payload["trainable"], source=spec.checkpoint)
+    model = model.to(target).eval()
+    if merge_lora:
+        model.merge_lora()
+    return model

@@ -161,7 +161,8 @@ def run_baseline(clip_model, preprocess, videos: Sequence[Path], out: Path, thre
 
 def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: int, lanes: int) -> Dict[str, float]:
     """Seconds per video for decoding and for the model, each pipeline, measured apart."""
-    from modules.extraction import ForwardLanes, decode_video, lane_threads
+    from modules.decode_pool import decode_video
+    from modules.forward_lanes import ForwardLanes, lane_threads
     from modules.video_sampler import normalize_uint8
 
     cfg = model.config
@@ -232,7 +233,9 @@ def main(argv=None) -> int:
     import open_clip
 
     from config import UnifiedModelConfig
-    from modules.extraction import build_inference_model, default_num_workers, default_parallel_batches, threads_per_lane
+    from modules.decode_pool import default_num_workers
+    from modules.forward_lanes import default_parallel_batches, threads_per_lane
+    from unified_model import create_unified_model
     from modules.module_clip import random_state_dict
 
     work = Path(args.work_dir)
@@ -246,7 +249,8 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()
 
     state = random_state_dict("ViT-B/32", seed=0)
-    ours = build_inference_model(UnifiedModelConfig(clip_weights="random"), device="cpu", clip_state_dict=state)
+    ours = create_unified_model(config=UnifiedModelConfig(clip_weights="random"), device="cpu", clip_state_dict=state,
+                                merge_lora=True)
     clip_model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=None)
     clip_model.load_state_dict(state, strict=True)
     clip_model.eval()

@@ -16,6 +16,8 @@ import re
 import sys
 from typing import Callable, Optional, Union
 
+from modules.errors import error_line
+
 __all__ = ["DEFAULT_EXTENSIONS", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError", "run_cli",
            "check_config_file", "check_dir", "check_file", "HelpFormatter", "device_arg", "int_at_least",
            "add_model_arguments", "add_logging_arguments", "setup_logging"]
@@ -59,15 +61,12 @@ def _usage_error_types() -> tuple:
     from config import ConfigError
 
     types = [UsageError, ConfigError]
-    for module, name in (("modules.module_clip", "WeightsError"), ("unified_model", "CheckpointError")):
+    for module, name in (("modules.module_clip", "WeightsError"), ("unified_model", "CheckpointError"),
+                         ("unified_model", "DeviceError")):
         loaded = sys.modules.get(module)
         if loaded is not None:
             types.append(getattr(loaded, name))
     return tuple(types)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], str]] = "") -> int:
@@ -88,10 +87,10 @@ def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], st
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - classified below, bugs re-raised
         if isinstance(err, _usage_error_types()):
-            print(f"error: {_one_line(err)}", file=sys.stderr)
+            print(f"error: {error_line(err)}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(err, OSError):
-            print(f"error: {_one_line(err)}", file=sys.stderr)
+            print(f"error: {error_line(err)}", file=sys.stderr)
             return EXIT_FAILED
         raise
 

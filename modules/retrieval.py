@@ -20,20 +20,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from modules.extraction import (
-    CONSOLIDATED_INDEX,
-    CONSOLIDATED_NPY,
-    DecodedVideo,
-    UsageError,
-    _resolve_config,
-    build_inference_model,
-    decode_stream,
-    model_error,
-)
-from modules.video_sampler import SampledVideo, normalize_uint8
+from modules.cli_support import UsageError
+from modules.decode_pool import decode_stream
+from modules.forward_lanes import model_error
+from modules.video_sampler import normalize_uint8
+from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY
 
 __all__ = [
-    "build_model",
     "batch_retrieve_events",
     "load_batch_file",
     "load_embedding_index",
@@ -47,35 +40,12 @@ logger = logging.getLogger(__name__)
 RULE = "=" * 50
 
 
-def build_model(config_path=None, device: str = "auto", checkpoint=None, clip_weights: Optional[str] = None,
-                config=None, clip_state_dict=None, merge_lora: bool = True):
-    """An eval-mode model for inference, built as extraction builds it (same seed, LoRA merged).
-
-    Bad config, weights, checkpoint or device raise ConfigError, WeightsError,
-    CheckpointError or UsageError with a one-line message.
-    """
-    if config is None:
-        config = _resolve_config(config_path, checkpoint, clip_weights)
-    elif clip_weights is not None:
-        config.clip_weights = clip_weights
-    return build_inference_model(config, device=device, checkpoint=checkpoint, clip_state_dict=clip_state_dict,
-                                 merge_lora=merge_lora)
-
-
 # ----------------------------------------------------------------------------- batch retrieval
 
 
 def _result(video_path: Any, query: Any, status: str = "success", error: Optional[str] = None) -> Dict[str, Any]:
     return {"video_path": video_path, "query": query, "frames": [], "scores": [], "segments": [],
             "inference_time": 0.0, "status": status, "error": error}
-
-
-def _sampled_from_decoded(decoded: DecodedVideo) -> SampledVideo:
-    return SampledVideo(
-        frames=torch.empty(0), frame_indices=torch.from_numpy(decoded.frame_indices),
-        timestamps=torch.from_numpy(decoded.timestamps), fps=decoded.fps, duration=decoded.duration,
-        num_frames=decoded.num_frames, path=decoded.path,
-    )
 
 
 def batch_retrieve_events(
@@ -113,7 +83,7 @@ def batch_retrieve_events(
     """
     from tqdm import tqdm
 
-    from unified_model import rank_hits
+    from unified_model import create_unified_model, rank_hits
 
     if top_k is not None and top_k < 1:
         raise UsageError(f"top_k must be >= 1, got {top_k}")
@@ -134,7 +104,8 @@ def batch_retrieve_events(
     if not by_video:
         return results
     if model is None:
-        model = build_model(config_path, device=device, checkpoint=checkpoint, clip_weights=clip_weights)
+        model = create_unified_model(config_path, device=device, checkpoint=checkpoint, clip_weights=clip_weights,
+                                     merge_lora=True)
     default_k = model.config.top_k if top_k is None else top_k
     stream = decode_stream(by_video, model.config, num_workers)
     bar = tqdm(total=len(by_video), unit="video", desc="retrieving", disable=not progress)
@@ -160,12 +131,11 @@ def batch_retrieve_events(
                 bar.update(1)
                 continue
             shared = (decoded.seconds + time.perf_counter() - start) / len(indices)
-            sampled = _sampled_from_decoded(decoded)
             reps = features.representatives[0].cpu()
             for row, i in enumerate(indices):
                 t0 = time.perf_counter()
                 k = video_queries[i].get("top_k", default_k)
-                hits = rank_hits(scores[row].cpu(), features.groups[0], reps, sampled, k)
+                hits = rank_hits(scores[row].cpu(), features.groups[0], reps, decoded.video, k)
                 results[i].update(
                     frames=[h.frame for h in hits],
                     scores=[round(h.score, 6) for h in hits],

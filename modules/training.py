@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from config import ConfigError, TrainingConfig, UnifiedModelConfig, from_dict
+from modules.distributed import DistEnv, cleanup_distributed, init_distributed
 from modules.data import (
     DataSplits,
     EpochBatchSampler,
@@ -64,6 +65,7 @@ from unified_model import (
     UnifiedTempMeSTOPModel,
     atomic_torch_save,
     check_architecture,
+    create_unified_model,
     read_checkpoint,
     resolve_device,
 )
@@ -102,52 +104,6 @@ _NO_DECAY_NAMES = re.compile(r"(embedding|base_prompts|clip_pos)")
 
 
 # ============================================================================ distributed
-
-
-@dataclass
-class DistEnv:
-    """Where this process runs: rank among world_size processes, its device and backend."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
-    backend: Optional[str] = None
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistEnv:
-    """Join the torchrun process group when WORLD_SIZE > 1 (nccl on CUDA, gloo on CPU).
-
-    Without torchrun (no WORLD_SIZE) this is a single process on ``device``.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    target = resolve_device(device)
-    if world <= 1:
-        return DistEnv(device=target)
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    if target.type == "cuda":
-        torch.cuda.set_device(local)
-        target, backend = torch.device("cuda", local), "nccl"
-    else:
-        backend = "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world)
-    return DistEnv(rank=rank, world_size=world, local_rank=local, device=target, backend=backend)
-
-
-def cleanup_distributed() -> None:
-    """Leave the process group (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def gather_with_local_grad(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -558,12 +514,9 @@ class Trainer:
 
     def _setup_model(self, clip_state_dict: Optional[Dict[str, torch.Tensor]], init_checkpoint: Optional[str]) -> None:
         """The model on the training device, optionally starting from a checkpoint's trained tensors."""
-        config = self.config
-        self.model = UnifiedTempMeSTOPModel(config, clip_state_dict).to(self.device)
+        self.model = create_unified_model(config=self.config, device=self.device, checkpoint=init_checkpoint,
+                                          clip_state_dict=clip_state_dict, architecture_hint=_TRAINED_WITH)
         if init_checkpoint is not None:
-            payload = read_checkpoint(init_checkpoint)
-            check_architecture(payload["config"], config, init_checkpoint, _TRAINED_WITH)
-            self.model.load_trainable_state(payload["trainable"], source=init_checkpoint)
             logger.info("initialised trainable tensors from %s", init_checkpoint)
 
     def _setup_optimisation(self) -> None:

@@ -63,8 +63,8 @@ def small_model():
         import torch
 
         from config import from_dict
-        from modules.extraction import build_inference_model
+        from unified_model import create_unified_model
 
         torch.set_num_threads(2)
-        _MODEL_CACHE["model"] = build_inference_model(from_dict(SMALL_CONFIG), device="cpu")
+        _MODEL_CACHE["model"] = create_unified_model(config=from_dict(SMALL_CONFIG), device="cpu", merge_lora=True)
     return _MODEL_CACHE["model"]

@@ -10,20 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from modules.extraction import (
-    DecodePool,
-    ForwardLanes,
-    UsageError,
-    atomic_write,
-    check_video_file,
-    cleanup_stale_temp_files,
-    extract_directory_embeddings,
-    decode_video,
-    list_videos,
-    save_npy_atomic,
-    shard_entries,
-    unique_names,
-)
+from modules.atomic_io import atomic_write, cleanup_stale_temp_files, save_npy_atomic
+from modules.cli_support import UsageError
+from modules.decode_pool import DecodePool, decode_video
+from modules.extraction import extract_directory_embeddings
+from modules.forward_lanes import ForwardLanes
+from modules.video_listing import check_video_file, list_videos, shard_entries, unique_names
 from modules.video_sampler import normalize_uint8, sample_video
 from tests.cli_utils import small_model
 from tests.video_factory import write_text_file, write_video

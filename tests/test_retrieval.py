@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from modules.extraction import UsageError
+from modules.cli_support import UsageError
 from modules.retrieval import (
     batch_retrieve_events,
     format_inference_block,

@@ -1,0 +1,202 @@
+"""Build or extend a video library from an extraction output folder.
+
+Reads what ``extract_video_embeddings.py`` writes per video: ``<name>_embedding.npy`` (or
+``.json``) and, when ``--save_frame_features`` was on, ``<name>_frames.npz`` (group
+features with original frame numbers and seconds), plus the model recorded in
+``embeddings_index.json`` / ``extraction_summary.json``. Videos already in the library (by
+name) are skipped, so a rerun after adding ten videos reads and writes only those ten;
+re-extracted videos reach the library through the extraction's writer (LibraryWriter).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from modules.cli_support import UsageError
+from modules.library import LibraryError, VideoLibrary, library_path
+
+__all__ = ["segments_from_frames_npz", "video_metadata", "scan_extraction_folder", "index_extraction_folder",
+           "recorded_model"]
+
+logger = logging.getLogger(__name__)
+
+_EMBEDDING_SUFFIXES = ("_embedding.npy", "_embedding.json")
+BATCH_VIDEOS = 4096
+
+
+def segments_from_frames_npz(payload: Mapping[str, np.ndarray], video: int = 0,
+                             window_index: int = 0) -> Tuple[List[Dict[str, Any]], np.ndarray]:
+    """A ``<name>_frames.npz`` payload -> (segment rows for ``add``, (F, D) features)."""
+    features = np.asarray(payload["frame_features"], dtype=np.float32)
+    sizes = np.asarray(payload["group_sizes"], dtype=np.int64)
+    sampled = np.asarray(payload["sampled_frame_indices"], dtype=np.int64)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])  # groups are contiguous runs of sampled frames
+    starts, ends = np.asarray(payload["start_times"], float), np.asarray(payload["end_times"], float)
+    rows = []
+    for g in range(len(features)):
+        rows.append({
+            "video": video, "window_index": window_index, "group_index": g,
+            "window_start": float(starts.min()) if len(starts) else 0.0,
+            "window_end": float(ends.max()) if len(ends) else 0.0,
+            "start_time": float(starts[g]), "end_time": float(ends[g]),
+            "frame": int(payload["frame_indices"][g]), "timestamp": float(payload["timestamps"][g]),
+            "start_frame": int(payload["start_frames"][g]), "end_frame": int(payload["end_frames"][g]),
+            "members": sampled[bounds[g]:bounds[g + 1]].tolist(),
+        })
+    return rows, features
+
+
+def video_metadata(path: str) -> Dict[str, Any]:
+    """size, mtime, duration, fps, num_frames of a video file (unknown fields left out)."""
+    meta: Dict[str, Any] = {}
+    try:
+        st = os.stat(path)
+        meta.update(size=int(st.st_size), mtime=float(st.st_mtime))
+    except OSError:
+        return meta
+    try:
+        import av
+
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            if stream.average_rate:
+                meta["fps"] = float(stream.average_rate)
+            if stream.frames:
+                meta["num_frames"] = int(stream.frames)
+            if stream.duration is not None and stream.time_base is not None:
+                meta["duration"] = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                meta["duration"] = container.duration / 1_000_000
+    except Exception as err:  # noqa: BLE001 - metadata is a nicety; the embedding is what counts
+        logger.debug("%s: no metadata (%s)", path, err)
+    return meta
+
+
+def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
+    """The model info extraction recorded in the folder, or None."""
+    for fname in ("embeddings_index.json", "extraction_summary.json"):
+        path = os.path.join(output_dir, fname)
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    info = json.load(fh).get("model")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if info:
+                return info
+    return None
+
+
+def scan_extraction_folder(output_dir: str) -> Iterator[Tuple[str, str]]:
+    """(name, embedding file) for every per-video embedding below ``output_dir``, sorted."""
+    found: Dict[str, str] = {}
+    skip = os.path.abspath(library_path(output_dir))
+    for folder, dirs, files in os.walk(output_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and os.path.abspath(os.path.join(folder, d)) != skip)
+        for fname in files:
+            for suffix in _EMBEDDING_SUFFIXES:
+                if fname.endswith(suffix) and not fname.startswith("."):
+                    name = os.path.relpath(os.path.join(folder, fname[: -len(suffix)]), output_dir).replace(os.sep, "/")
+                    if name not in found or suffix.endswith(".npy"):
+                        found[name] = os.path.join(folder, fname)
+    yield from sorted(found.items())
+
+
+def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[str, Any], np.ndarray, Optional[dict]]:
+    video_path = None
+    if embedding_file.endswith(".npy"):
+        embedding = np.load(embedding_file, allow_pickle=False)
+        json_file = embedding_file[: -len(".npy")] + ".json"
+        if os.path.isfile(json_file):
+            with open(json_file, encoding="utf-8") as fh:
+                video_path = json.load(fh).get("video_path")
+    else:
+        with open(embedding_file, encoding="utf-8") as fh:
+            data = json.load(fh)
+        embedding, video_path = np.asarray(data["embedding"], dtype=np.float32), data.get("video_path")
+    frames_file = os.path.join(output_dir, name + "_frames.npz")
+    payload = None
+    if os.path.isfile(frames_file):
+        with np.load(frames_file, allow_pickle=False) as npz:
+            payload = {k: npz[k] for k in npz.files}
+        video_path = video_path or str(payload["video_path"])
+    if video_path is None:
+        raise ValueError("no video path recorded (write .json or frames files with the embedding)")
+    embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
+    if not np.isfinite(embedding).all():
+        raise ValueError("non-finite embedding")
+    return {"name": name, "video_path": video_path}, embedding, payload
+
+
+def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, Any]] = None,
+                            library_dir: Optional[str] = None, with_metadata: bool = True) -> Dict[str, Any]:
+    """Create or extend ``output_dir``'s library from its per-video files.
+
+    ``fingerprint`` is the model that made them (default: the one the folder records).
+    Returns {"library", "added", "skipped", "failed", "segments", "videos"}.
+    """
+    output_dir = os.fspath(output_dir)
+    if not os.path.isdir(output_dir):
+        raise UsageError(f"embeddings directory not found: {output_dir}")
+    root = library_dir or library_path(output_dir)
+    recorded = recorded_model(output_dir)
+    if fingerprint is None:
+        fingerprint = recorded
+    if fingerprint is None:
+        raise LibraryError(f"{output_dir} records no model (no embeddings_index.json / extraction_summary.json): "
+                           "pass the extraction's --config_path / --checkpoint / --clip_weights")
+    library = None
+    known: Dict[str, int] = {}
+    if os.path.isfile(os.path.join(root, "manifest.json")):
+        library = VideoLibrary.open(root)
+        library.check_fingerprint(fingerprint)
+        known = library.names()
+    added = skipped = failed = segments = 0
+    batch: List[Tuple[Dict[str, Any], np.ndarray, Optional[dict]]] = []
+
+    def flush() -> None:
+        nonlocal library, segments
+        if not batch:
+            return
+        if library is None:
+            library = VideoLibrary.create(root, fingerprint, batch[0][1].shape[0])
+        rows, seg_rows, seg_feats = [], [], []
+        for i, (video, _, payload) in enumerate(batch):
+            rows.append(video)
+            if payload is not None:
+                seg, feats = segments_from_frames_npz(payload, video=i)
+                seg_rows.extend(seg)
+                seg_feats.append(feats)
+        matrix = np.stack([e for _, e, _ in batch])
+        features = np.concatenate(seg_feats) if seg_feats else None
+        library.add(rows, matrix, seg_rows, features, fingerprint=fingerprint)
+        segments += len(seg_rows)
+        batch.clear()
+
+    for name, embedding_file in scan_extraction_folder(output_dir):
+        if name in known:
+            skipped += 1
+            continue
+        try:
+            video, embedding, payload = _read_video(output_dir, name, embedding_file)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("%s: not indexed (%s)", embedding_file, err)
+            failed += 1
+            continue
+        if with_metadata:
+            video.update(video_metadata(video["video_path"]))
+        if payload is not None and "duration" not in video and len(payload["end_times"]):
+            video["duration"] = float(np.max(payload["end_times"]))
+        batch.append((video, embedding, payload))
+        added += 1
+        if len(batch) >= BATCH_VIDEOS:
+            flush()
+    flush()
+    if library is None:
+        raise LibraryError(f"no embeddings to index in {output_dir} (expected *_embedding.npy / *_embedding.json)")
+    return {"library": root, "added": added, "skipped": skipped, "failed": failed, "segments": segments,
+            "videos": len(library)}

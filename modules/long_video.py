@@ -1,0 +1,371 @@
+"""Long videos as a timeline of windows: windowed encoding, the window table, moments.
+
+``encode_long_video(model, path, window_seconds)`` decodes the video once
+(:mod:`modules.window_sampler`), runs the windows through the model in batches of
+``batch_windows`` (each window exactly as one short video today: ``num_segments`` frames
+-> TempMe -> F frame groups -> head), and returns a :class:`WindowTable`: per window its
+span (seconds and original frame numbers), its embedding and its F group features with
+their spans, plus the video embedding.
+
+Video embedding: the mean of the window embeddings weighted by the number of video frames
+each window holds (the last window may be shorter; overlapping windows count their shared
+frames twice), re-normalised to unit length like every other embedding the model writes,
+so cosine scores against it mean the same as for short videos. A single window's
+embedding is returned as it is (identical to the unwindowed embedding).
+
+Overlap and memory: a background thread decodes while the model runs; it hands over
+windows through a queue of ``prefetch`` windows, so decoding window k+1 overlaps the
+forward of window k and at most ``prefetch + batch_windows + 1`` windows' frames exist
+at once (about 4.8 MB each at 32 frames of 224 x 224).
+
+When windows are used (:func:`resolve_window`): ``window_seconds`` > 0 windows every
+video, 0 never; None (the default) windows only videos longer than
+``AUTO_WINDOW_THRESHOLD`` seconds (10 minutes: what one set of 32 frames still describes
+to within a few seconds per group), with windows of ``AUTO_WINDOW_SECONDS``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from modules.video_sampler import normalize_uint8
+from modules.window_sampler import SampledWindow, WindowStream, check_window_args, iter_windows
+
+__all__ = [
+    "AUTO_WINDOW_THRESHOLD",
+    "AUTO_WINDOW_SECONDS",
+    "WindowTable",
+    "Moment",
+    "combine_window_embeddings",
+    "encode_window_batch",
+    "encode_long_video",
+    "resolve_window",
+    "window_moments",
+]
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+#: videos longer than this (seconds) are windowed when ``window_seconds`` is None
+AUTO_WINDOW_THRESHOLD = 600.0
+#: window length (seconds) of the automatic rule: 12 groups of 2.5 s each
+AUTO_WINDOW_SECONDS = 30.0
+
+
+def resolve_window(window_seconds: Optional[float], duration: float) -> Optional[float]:
+    """The window length to use for a video of ``duration`` seconds, None for no windows.
+
+    ``window_seconds`` > 0: that; 0: None; None: ``AUTO_WINDOW_SECONDS`` when the video is
+    longer than ``AUTO_WINDOW_THRESHOLD``, else None.
+    """
+    if window_seconds is None:
+        return AUTO_WINDOW_SECONDS if duration > AUTO_WINDOW_THRESHOLD else None
+    if window_seconds < 0:
+        raise ValueError(f"window_seconds must be >= 0 (0 = no windows), got {window_seconds}")
+    return float(window_seconds) if window_seconds > 0 else None
+
+
+def combine_window_embeddings(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Size-weighted mean of unit window embeddings (K, D), re-normalised -> (D,) float32.
+
+    ``weights`` (K,) >= 0, not all zero (frames per window). K == 1 returns the window's
+    embedding unchanged.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    w = np.asarray(weights, dtype=np.float64)
+    if emb.ndim != 2 or emb.shape[0] == 0 or w.shape != (emb.shape[0],):
+        raise ValueError(f"expected (K, D) embeddings and (K,) weights, got {emb.shape} and {w.shape}")
+    if emb.shape[0] == 1:
+        return emb[0].copy()
+    if not np.all(w >= 0) or w.sum() <= 0:
+        raise ValueError("window weights must be >= 0 and not all zero")
+    mean = (emb.astype(np.float64) * (w / w.sum())[:, None]).sum(axis=0)
+    norm = np.linalg.norm(mean)
+    if not np.isfinite(norm) or norm == 0:
+        raise ValueError("window embeddings cancel out (zero mean); cannot normalise")
+    return (mean / norm).astype(np.float32)
+
+
+@dataclass
+class WindowTable:
+    """One video as K windows with F frame groups each (all times in seconds).
+
+    Per window (K,): start_times, end_times (the span), start_frames, end_frames (original
+    frame numbers of its first and last frame), sizes (frames inside), embeddings (K, D).
+    Per group (K, F): group_features (K, F, D), group_sizes (sampled frames merged),
+    group_frames (representative original frame), group_timestamps (its time),
+    group_start_frames / group_end_frames (first / last sampled original frame),
+    group_start_times / group_end_times (span). sampled_frame_indices (K, N).
+    """
+
+    video_path: str
+    duration: float
+    fps: float
+    num_frames: int
+    window_seconds: float
+    window_stride: float
+    embedding: np.ndarray
+    start_times: np.ndarray
+    end_times: np.ndarray
+    start_frames: np.ndarray
+    end_frames: np.ndarray
+    sizes: np.ndarray
+    embeddings: np.ndarray
+    group_features: np.ndarray
+    group_sizes: np.ndarray
+    group_frames: np.ndarray
+    group_timestamps: np.ndarray
+    group_start_frames: np.ndarray
+    group_end_frames: np.ndarray
+    group_start_times: np.ndarray
+    group_end_times: np.ndarray
+    sampled_frame_indices: np.ndarray
+    complete: bool = True
+    note: Optional[str] = None
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.start_times.shape[0])
+
+    #: array fields, in the order the npz stores them
+    ARRAYS = ("embedding", "start_times", "end_times", "start_frames", "end_frames", "sizes", "embeddings",
+              "group_features", "group_sizes", "group_frames", "group_timestamps", "group_start_frames",
+              "group_end_frames", "group_start_times", "group_end_times", "sampled_frame_indices")
+
+    def to_arrays(self) -> Dict[str, np.ndarray]:
+        """Everything as numpy arrays (the ``<name>_windows.npz`` payload; no pickles)."""
+        out = {name: np.asarray(getattr(self, name)) for name in self.ARRAYS}
+        out.update(video_path=np.array(self.video_path), duration=np.float64(self.duration),
+                   fps=np.float64(self.fps), num_frames=np.int64(self.num_frames),
+                   window_seconds=np.float64(self.window_seconds), window_stride=np.float64(self.window_stride),
+                   complete=np.bool_(self.complete), note=np.array(self.note or ""))
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Dict[str, np.ndarray]) -> "WindowTable":
+        """Inverse of :meth:`to_arrays` (e.g. ``np.load(path, allow_pickle=False)``)."""
+        missing = [k for k in cls.ARRAYS + ("video_path", "duration") if k not in arrays]
+        if missing:
+            raise ValueError(f"not a window table: missing {', '.join(missing)}")
+        return cls(video_path=str(arrays["video_path"]), duration=float(arrays["duration"]),
+                   fps=float(arrays["fps"]), num_frames=int(arrays["num_frames"]),
+                   window_seconds=float(arrays["window_seconds"]), window_stride=float(arrays["window_stride"]),
+                   complete=bool(arrays["complete"]), note=str(arrays["note"]) or None,
+                   **{k: np.asarray(arrays[k]) for k in cls.ARRAYS})
+
+
+@dataclass
+class Moment:
+    """One frame group of one window, in original-video coordinates."""
+
+    window: int
+    group: int
+    score: float
+    start_time: float
+    end_time: float
+    start_frame: int
+    end_frame: int
+    frame: int
+    timestamp: float
+    window_start: float
+    window_end: float
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def encode_window_batch(model, frames: np.ndarray):
+    """uint8 (B, N, 3, S, S) window frames -> the model's ``VideoFeatures`` for B windows.
+
+    Each window is one "video" of the batch, so a window's embedding and groups are what
+    the model computes for a short video with those frames.
+    """
+    with torch.inference_mode():
+        return model.encode_videos(normalize_uint8(frames))
+
+
+def _window_rows(batch: Sequence[SampledWindow], features, duration_of) -> List[Dict[str, Any]]:
+    """Per window of a forwarded batch: its embedding, group features and group spans."""
+    from unified_model import group_time_span
+
+    emb = features.video_embeddings.detach().cpu().numpy().astype(np.float32)
+    feats = features.frame_features.detach().cpu().numpy().astype(np.float32)
+    sizes = features.frame_sizes.detach().cpu().numpy().astype(np.int64)
+    reps = features.representatives.detach().cpu().numpy().astype(np.int64)
+    rows = []
+    for i, sw in enumerate(batch):
+        w = sw.window
+        groups = features.groups[i]
+        num = len(sw.frame_indices)
+        spans = [group_time_span(g, duration_of(w), num) for g in groups]
+        rows.append({
+            "start_time": w.start_time, "end_time": w.end_time,
+            "start_frame": w.first, "end_frame": w.last, "size": w.num_frames,
+            "embedding": emb[i], "group_features": feats[i], "group_sizes": sizes[i],
+            "group_frames": sw.frame_indices[reps[i]], "group_timestamps": sw.timestamps[reps[i]],
+            "group_start_frames": np.array([sw.frame_indices[g[0]] for g in groups], dtype=np.int64),
+            "group_end_frames": np.array([sw.frame_indices[g[-1]] for g in groups], dtype=np.int64),
+            "group_start_times": np.array([w.start_time + s for s, _ in spans], dtype=np.float64),
+            "group_end_times": np.array([w.start_time + e for _, e in spans], dtype=np.float64),
+            "sampled_frame_indices": sw.frame_indices,
+        })
+    return rows
+
+
+_DONE = object()
+
+
+def _put(out: "queue.Queue", item: Any, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has stopped; False when it has."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(stream: WindowStream, out: "queue.Queue", stop: threading.Event) -> None:
+    """Decode thread: put windows (then _DONE, or the exception) into ``out``."""
+    try:
+        for window in stream:
+            if not _put(out, window, stop):
+                return
+        _put(out, _DONE, stop)
+    except BaseException as err:  # handed to the consumer, which re-raises it
+        _put(out, err, stop)
+
+
+def encode_long_video(model, path: PathLike, window_seconds: float, window_stride: Optional[float] = None,
+                      batch_windows: int = 2, prefetch: int = 2, decoder_threads: int = 1) -> WindowTable:
+    """Encode a video as a timeline of windows in one decoding pass.
+
+    Args:
+        model: a ``UnifiedTempMeSTOPModel`` (eval mode).
+        path: video file.
+        window_seconds: W seconds per window; window_stride: S in (0, W] (None = W).
+        batch_windows: windows per model forward.
+        prefetch: decoded windows queued ahead of the model.
+        decoder_threads: FFmpeg threads of the decode thread (1 leaves the cores to the model).
+
+    Returns:
+        :class:`WindowTable` with ``stats`` = {decoded_frames, num_frames, windows,
+        decode_wait_seconds, model_seconds}.
+
+    Raises:
+        VideoDecodeError: the file cannot be read or no window could be decoded.
+    """
+    from modules.video_sampler import VideoDecodeError
+
+    stride = check_window_args(window_seconds, window_stride)
+    if batch_windows < 1 or prefetch < 1:
+        raise ValueError(f"batch_windows and prefetch must be >= 1, got {batch_windows} and {prefetch}")
+    config = model.config
+    stream = iter_windows(path, window_seconds, stride, num_segments=config.num_segments, size=config.video_size,
+                          decoder_threads=decoder_threads)
+    single = len(stream.windows) == 1
+
+    def duration_of(w) -> float:
+        # the one window of a short video spans the whole video, as today's groups do
+        return stream.duration if single else w.end_time - w.start_time
+
+    handoff: "queue.Queue" = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    producer = threading.Thread(target=_produce, args=(stream, handoff, stop), name="window-decode", daemon=True)
+    rows: List[Dict[str, Any]] = []
+    wait = model_time = 0.0
+    producer.start()
+    try:
+        batch: List[SampledWindow] = []
+        finished = False
+        while not finished:
+            t0 = time.perf_counter()
+            item = handoff.get()
+            wait += time.perf_counter() - t0
+            if isinstance(item, BaseException):
+                raise item
+            if item is _DONE:
+                finished = True
+            else:
+                batch.append(item)
+            if batch and (finished or len(batch) >= batch_windows):
+                t0 = time.perf_counter()
+                features = encode_window_batch(model, np.stack([w.frames for w in batch]))
+                rows.extend(_window_rows(batch, features, duration_of))
+                model_time += time.perf_counter() - t0
+                batch = []
+    finally:
+        stop.set()
+        producer.join()
+    if not rows:
+        raise VideoDecodeError(os.fspath(path), stream.note or "no decodable window")
+    table = _table_from_rows(rows, stream, float(window_seconds), stride)
+    table.stats = {"decoded_frames": stream.decoded_frames, "num_frames": stream.num_frames,
+                   "windows": len(rows), "decode_wait_seconds": round(wait, 3), "model_seconds": round(model_time, 3)}
+    return table
+
+
+def _table_from_rows(rows: List[Dict[str, Any]], stream: WindowStream, window_seconds: float,
+                     stride: float) -> WindowTable:
+    def col(key: str, dtype) -> np.ndarray:
+        return np.stack([np.asarray(r[key]) for r in rows]).astype(dtype)
+
+    embeddings = col("embedding", np.float32)
+    sizes = col("size", np.int64)
+    return WindowTable(
+        video_path=stream.path, duration=stream.duration, fps=stream.fps, num_frames=stream.num_frames,
+        window_seconds=window_seconds, window_stride=stride,
+        embedding=combine_window_embeddings(embeddings, sizes),
+        start_times=col("start_time", np.float64), end_times=col("end_time", np.float64),
+        start_frames=col("start_frame", np.int64), end_frames=col("end_frame", np.int64), sizes=sizes,
+        embeddings=embeddings, group_features=col("group_features", np.float32),
+        group_sizes=col("group_sizes", np.int64), group_frames=col("group_frames", np.int64),
+        group_timestamps=col("group_timestamps", np.float64),
+        group_start_frames=col("group_start_frames", np.int64), group_end_frames=col("group_end_frames", np.int64),
+        group_start_times=col("group_start_times", np.float64), group_end_times=col("group_end_times", np.float64),
+        sampled_frame_indices=col("sampled_frame_indices", np.int64),
+        complete=stream.complete, note=stream.note,
+    )
+
+
+def window_moments(table: WindowTable, text_embedding: Union[np.ndarray, torch.Tensor],
+                   top_k: Optional[int] = None) -> List[Moment]:
+    """Every (window, group) of ``table`` scored against a unit text embedding (D,), best
+    first; a representative frame that several overlapping windows share is reported once,
+    at its best rank. ``top_k`` None returns all."""
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    text = np.asarray(text_embedding.detach().cpu() if torch.is_tensor(text_embedding) else text_embedding,
+                      dtype=np.float32).reshape(-1)
+    scores = table.group_features.astype(np.float32) @ text  # (K, F)
+    order = np.argsort(-scores, axis=None, kind="stable")
+    num_groups = scores.shape[1]
+    moments: List[Moment] = []
+    seen = set()
+    for flat in order.tolist():
+        k, g = divmod(flat, num_groups)
+        frame = int(table.group_frames[k, g])
+        if frame in seen:
+            continue
+        seen.add(frame)
+        moments.append(Moment(
+            window=k, group=g, score=float(scores[k, g]),
+            start_time=round(float(table.group_start_times[k, g]), 6), end_time=round(float(table.group_end_times[k, g]), 6),
+            start_frame=int(table.group_start_frames[k, g]), end_frame=int(table.group_end_frames[k, g]),
+            frame=frame, timestamp=float(table.group_timestamps[k, g]),
+            window_start=float(table.start_times[k]), window_end=float(table.end_times[k]),
+        ))
+        if top_k is not None and len(moments) == top_k:
+            break
+    return moments

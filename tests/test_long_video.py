@@ -1,0 +1,179 @@
+"""Windowed single-pass sampling and windowed encoding of long videos (issue 14)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from modules.long_video import (
+    AUTO_WINDOW_SECONDS,
+    AUTO_WINDOW_THRESHOLD,
+    WindowTable,
+    combine_window_embeddings,
+    encode_long_video,
+    resolve_window,
+    window_moments,
+)
+from modules.video_sampler import sample_video
+from modules.window_sampler import iter_windows, plan_windows
+from tests.cli_utils import small_model
+from tests.video_factory import read_index_rgb, write_truncated, write_video
+
+FPS = 25
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+@pytest.fixture(scope="module")
+def clip10s(tmp_path_factory):
+    """10 s, 250 frames with their numbers painted; keyframe every 25 frames."""
+    return write_video(tmp_path_factory.mktemp("long") / "ten.mp4", 250, fps=FPS, size=(64, 48), gop=25)
+
+
+def _painted(frames: np.ndarray) -> list:
+    return [read_index_rgb(f.transpose(1, 2, 0)) for f in frames]
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@pytest.mark.parametrize("window, stride, duration", [(3.0, None, 10.0), (3.0, 2.0, 10.0), (4.0, 1.5, 9.96),
+                                                      (2.0, 2.0, 2.0), (5.0, 5.0, 3.0), (1.0, 0.5, 7.3)])
+def test_windows_cover_the_timeline_without_gaps(window, stride, duration):
+    times = np.arange(int(round(duration * FPS))) / FPS
+    plan = plan_windows(times, duration, window, stride, num_segments=8)
+    step = window if stride is None else stride
+    assert plan[0].start_time == 0.0 and plan[0].first == 0
+    assert plan[-1].end_time == pytest.approx(duration) and plan[-1].last == len(times) - 1
+    for a, b in zip(plan, plan[1:]):
+        assert b.start_time == pytest.approx(a.start_time + step)  # windows step by the stride
+        assert b.start_time <= a.end_time + 1e-9  # no gap
+        assert a.end_time - b.start_time == pytest.approx(window - step)  # overlap is exactly W - S
+        # same in frames: the frames both windows hold are those of the overlap's span
+        shared = np.count_nonzero((times >= b.start_time - 1e-9) & (times < a.end_time - 1e-9))
+        assert a.last - b.first + 1 == shared
+    for w in plan:
+        assert w.end_time - w.start_time <= window + step / 2 + 1e-9  # a folded tail adds < S/2
+        assert np.all((w.targets >= w.first) & (w.targets <= w.last)) and len(w.targets) == 8
+        # frames belong to a window by time
+        assert times[w.first] >= w.start_time - 1e-9 and times[w.last] < w.end_time
+    if duration <= window:
+        assert len(plan) == 1
+
+
+def test_short_tail_is_folded_into_the_last_window():
+    times = np.arange(251) / FPS  # 10.04 s: a 0.04 s tail after the third 3.33 s... window
+    plan = plan_windows(times, 10.04, 5.0)
+    assert [(w.start_time, w.end_time) for w in plan] == [(0.0, 5.0), (5.0, pytest.approx(10.04))]
+
+
+@pytest.mark.parametrize("window, stride", [(0, None), (-1, None), (2.0, 3.0), (2.0, 0), (float("nan"), None)])
+def test_bad_window_arguments(window, stride):
+    with pytest.raises(ValueError):
+        plan_windows(np.arange(10) / FPS, 0.4, window, stride)
+
+
+def test_automatic_window_rule():
+    assert resolve_window(None, AUTO_WINDOW_THRESHOLD) is None
+    assert resolve_window(None, AUTO_WINDOW_THRESHOLD + 1) == AUTO_WINDOW_SECONDS
+    assert resolve_window(0, 7200.0) is None
+    assert resolve_window(12.5, 3.0) == 12.5
+    with pytest.raises(ValueError):
+        resolve_window(-2, 10.0)
+
+
+def test_combined_embedding_is_the_size_weighted_mean_renormalised():
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(3, 8)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    out = combine_window_embeddings(emb, np.array([75, 75, 25]))
+    expected = (75 * emb[0] + 75 * emb[1] + 25 * emb[2]) / 175
+    np.testing.assert_allclose(out, expected / np.linalg.norm(expected), rtol=1e-6)
+    assert np.linalg.norm(out) == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_array_equal(combine_window_embeddings(emb[:1], np.array([9])), emb[0])
+
+
+# ----------------------------------------------------------------------------- one decoding pass
+
+
+@pytest.mark.parametrize("window, stride", [(3.0, None), (2.0, 1.5)])
+def test_window_frames_are_the_painted_frames_of_their_span(clip10s, window, stride):
+    stream = iter_windows(clip10s, window, stride, num_segments=8, size=32)
+    assert stream.num_frames == 250 and stream.duration == pytest.approx(10.0)
+    got = list(stream)
+    assert [w.window for w in got] == stream.windows and stream.complete and stream.note is None
+    for w in got:
+        assert _painted(w.frames) == w.frame_indices.tolist()
+        assert np.all(w.frame_indices >= w.window.first) and np.all(w.frame_indices <= w.window.last)
+        # a frame's number / fps is its time: inside the window's span
+        assert np.all(w.frame_indices / FPS >= w.window.start_time - 1e-9)
+        assert np.all(w.frame_indices / FPS < w.window.end_time)
+        np.testing.assert_allclose(w.timestamps, w.frame_indices / FPS)
+    # one pass: every frame decoded at most once (non-reference frames nobody samples skipped)
+    assert stream.decoded_frames <= 250
+
+
+def test_video_shorter_than_one_window_is_todays_sample(clip10s):
+    stream = iter_windows(clip10s, 60.0, num_segments=8, size=32)
+    (only,) = list(stream)
+    ref = sample_video(clip10s, num_segments=8, size=32, normalize=False)
+    np.testing.assert_array_equal(only.frames, ref.frames.numpy())
+    np.testing.assert_array_equal(only.frame_indices, ref.frame_indices.numpy())
+    assert (only.window.start_time, only.window.end_time) == (0.0, pytest.approx(ref.duration))
+
+
+def test_truncated_file_keeps_the_windows_it_could_decode(tmp_path):
+    full = write_video(tmp_path / "full.mp4", 250, fps=FPS, size=(64, 48), gop=25,
+                       container_options={"movflags": "+faststart"})
+    cut = write_truncated(full, tmp_path / "cut.mp4", keep_fraction=0.5)
+    stream = iter_windows(cut, 2.0, num_segments=8, size=32)
+    got = list(stream)
+    assert 1 <= len(got) < 5  # the full file has 5 windows
+    assert not stream.complete and "truncated" in stream.note
+    for w in got:
+        assert _painted(w.frames) == w.frame_indices.tolist()
+
+
+# ----------------------------------------------------------------------------- windowed encoding
+
+
+def test_one_window_encodes_like_the_whole_video(model, clip10s):
+    table = encode_long_video(model, clip10s, window_seconds=60.0)
+    assert table.num_windows == 1
+    np.testing.assert_allclose(table.embedding, model.extract_video_embedding(clip10s), atol=1e-6)
+    text = model.encode_text(["a red square"])[0]
+    hits = model.retrieve(clip10s, "a red square")
+    moments = window_moments(table, text)
+    assert [(m.frame, m.start_frame, m.end_frame, m.start_time, m.end_time) for m in moments] == \
+        [(h.frame, h.start_frame, h.end_frame, h.start_time, h.end_time) for h in hits]
+    np.testing.assert_allclose([m.score for m in moments], [h.score for h in hits], atol=1e-5)
+
+
+def test_windows_are_encoded_like_short_videos_of_their_frames(model, clip10s):
+    table = encode_long_video(model, clip10s, window_seconds=3.0, batch_windows=2)
+    stream = iter_windows(clip10s, 3.0, num_segments=model.config.num_segments, size=model.config.video_size)
+    windows = list(stream)
+    assert table.num_windows == len(windows) == 3 and table.complete
+    from modules.long_video import encode_window_batch
+
+    for k, w in enumerate(windows):  # batch of one = one short video of these frames
+        features = encode_window_batch(model, w.frames[None])  # batch rounding differs ~1e-5
+        np.testing.assert_allclose(table.embeddings[k], features.video_embeddings[0].numpy(), atol=2e-4)
+        np.testing.assert_allclose(table.group_features[k], features.frame_features[0].numpy(), atol=2e-4)
+        np.testing.assert_array_equal(table.sampled_frame_indices[k], w.frame_indices)
+    np.testing.assert_allclose(table.embedding, combine_window_embeddings(table.embeddings, table.sizes), atol=1e-6)
+    assert table.sizes.tolist() == [75, 75, 100]
+    # group spans lie inside their window, in order
+    assert np.all(table.group_start_times >= table.start_times[:, None] - 1e-9)
+    assert np.all(table.group_end_times <= table.end_times[:, None] + 1e-9)
+    moments = window_moments(table, model.encode_text(["x"])[0], top_k=4)
+    assert len(moments) == 4 and moments == sorted(moments, key=lambda m: -m.score)
+    for m in moments:
+        assert table.start_times[m.window] <= m.start_time < m.end_time <= table.end_times[m.window] + 1e-9
+        assert m.start_frame <= m.frame <= m.end_frame
+    # the table survives its npz form
+    again = WindowTable.from_arrays(table.to_arrays())
+    for name in WindowTable.ARRAYS:
+        np.testing.assert_array_equal(getattr(again, name), getattr(table, name))

@@ -1,0 +1,144 @@
+"""Moments on painted clips, the search server's API (FastAPI TestClient) and the CLI."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from tests.cli_utils import describe, no_traceback, run_script, write_small_config
+from tests.library_fixture import CLIPS, build_library
+from tests.video_factory import read_index_rgb
+
+
+def _square(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    s = min(h, w)
+    return rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return build_library(tmp_path_factory.mktemp("lib"))
+
+
+@pytest.fixture(scope="module")
+def client(built):
+    from fastapi.testclient import TestClient
+
+    from modules.search_server import create_app
+
+    return TestClient(create_app(built[1]))
+
+
+def test_moments_map_to_painted_frame_numbers_and_seconds(built):
+    from modules.search_server import cut_frame
+
+    _, library = built
+    segments = library.table("segments").to_pylist()
+    videos = {v["row"]: v for v in library}
+    assert len(segments) == 4 * len(CLIPS)  # the small model keeps 4 groups per video
+    features = library.embeddings("segments")
+    for seg in segments:
+        video = videos[seg["video_row"]]
+        frames, fps = CLIPS[video["name"]]
+        assert video["fps"] == fps and video["num_frames"] == frames
+        # the representative frame number is the frame shown at its timestamp ...
+        assert seg["timestamp"] == pytest.approx(seg["frame"] / fps, abs=1e-6)
+        assert read_index_rgb(_square(cut_frame(video["video_path"], seg["timestamp"]))) == seg["frame"]
+        # ... inside the group's time span, which covers its member frames
+        assert seg["start_time"] <= seg["timestamp"] < seg["end_time"] <= frames / fps + 1e-6
+        assert seg["members"][0] == seg["start_frame"] and seg["members"][-1] == seg["end_frame"]
+        assert seg["start_frame"] <= seg["frame"] <= seg["end_frame"]
+        hit = library.search(features[seg["row"]], top_k=1, moments=True)[0]
+        assert (hit["name"], hit["frame"], hit["start_time"], hit["end_time"]) == (
+            video["name"], seg["frame"], seg["start_time"], seg["end_time"])
+    spans = sorted((s["start_time"], s["end_time"]) for s in segments if s["video_row"] == 0)
+    assert spans[0][0] == 0.0 and spans[-1][1] == pytest.approx(CLIPS["alpha"][0] / CLIPS["alpha"][1])
+
+
+def test_text_and_image_queries_build_the_model_once(built, tmp_path):
+    from modules.search_server import cut_frame, encode_jpeg
+
+    _, library = built
+    first = library.search("a red ball", top_k=2)
+    library.search("a blue square", top_k=2, moments=True)
+    picture = tmp_path / "frame.jpg"
+    picture.write_bytes(encode_jpeg(cut_frame(first[0]["video_path"], 1.0)))
+    by_image = library.search(str(picture), top_k=3)
+    assert len(first) == 2 and len(by_image) == 3 and {h["name"] for h in by_image} == set(CLIPS)
+    assert len(library.encoder_calls) == 1
+    text = library.encoder().encode_text(["a red ball"])[0]
+    assert [h["score"] for h in first] == pytest.approx(sorted((library.embeddings() @ text).tolist(), reverse=True)[:2], abs=1e-5)
+
+
+def test_api_search_results_and_thumbnails(client):
+    response = client.get("/api/search", params={"q": "a dog", "top_k": 5, "moments": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["moments"] and body["num_videos"] == len(CLIPS) and len(body["results"]) == 5
+    hit = body["results"][0]
+    assert {"name", "score", "start_time", "end_time", "frame", "video_url", "thumb_url"} <= set(hit)
+    scores = [h["score"] for h in body["results"]]
+    assert scores == sorted(scores, reverse=True)
+    thumb = client.get(hit["thumb_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg" and thumb.content[:2] == b"\xff\xd8"
+    videos = client.get("/api/search", params={"q": "a dog"}).json()["results"]
+    assert len(videos) == len(CLIPS) and client.get(videos[0]["thumb_url"]).status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "<form" in page.text
+
+
+def test_api_video_range_requests(client, built):
+    full = client.get("/video/0")
+    assert full.status_code == 200 and full.headers["accept-ranges"] == "bytes"
+    part = client.get("/video/0", headers={"Range": "bytes=10-99"})
+    assert part.status_code == 206 and part.content == full.content[10:100]
+    assert part.headers["content-range"] == f"bytes 10-99/{len(full.content)}"
+
+
+@pytest.mark.parametrize("url, status, words", [
+    ("/api/search?q=" + "x" * 201, 400, "longer than 200"),
+    ("/api/search?q=%20", 400, "empty"),
+    ("/api/search", 400, "q"),
+    ("/api/search?q=dog&top_k=0", 400, "top_k"),
+    ("/api/search?q=dog&top_k=101", 400, "top_k"),
+    ("/api/search?q=dog&top_k=ten", 400, "top_k"),
+    ("/video/99", 404, "no video 99"),
+    ("/video/-1", 404, "no video"),
+    ("/video/..%2F..%2Fetc%2Fpasswd", 404, "Not Found"),
+    ("/video/abc", 400, "row"),
+    ("/thumb/moment/9999.jpg", 404, "no moment"),
+    ("/static/../../etc/passwd", 404, "Not Found"),
+])
+def test_api_errors_are_4xx_json(client, url, status, words):
+    response = client.get(url)
+    assert response.status_code == status, response.text
+    assert words in response.json()["error"]
+
+
+def test_cli_several_queries_moments_and_fallback(built, tmp_path):
+    out, _ = built
+    config = write_small_config(tmp_path)
+    report = tmp_path / "r.json"
+    proc = run_script("inference.py", ["--embeddings_dir", out, "--query", "a dog", "--query", "a cat", "--moments",
+                                       "--top_k", "3", "--output", report, "--config_path", config], timeout=300)
+    assert proc.returncode == 0, describe(proc)
+    lines = [l.strip() for l in proc.stdout.splitlines() if re.match(r"^\s+\S+  \d+\.\d-\d+\.\d s  frame \d+  -?\d\.\d{3}$", l)]
+    assert len(lines) == 6, proc.stdout
+    data = json.loads(report.read_text())
+    assert [d["query"] for d in data] == ["a dog", "a cat"] and all(len(d["results"]) == 3 for d in data)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(config.read_text()), "max_words": 16}))
+    refused = run_script("inference.py", ["--embeddings_dir", out, "--query", "a dog", "--config_path", other], timeout=300)
+    assert refused.returncode == 2 and "another model" in refused.stderr and "--config_path" in refused.stderr
+    no_traceback(refused)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in out.glob("alpha_embedding.*"):
+        (plain / f.name).write_bytes(f.read_bytes())
+    fallback = run_script("inference.py", ["--embeddings_dir", plain, "--query", "a dog", "--config_path", config], timeout=300)
+    assert fallback.returncode == 0 and "--index" in fallback.stderr and "SEARCH RESULTS" in fallback.stdout, describe(fallback)
+    moments = run_script("inference.py", ["--embeddings_dir", plain, "--query", "a dog", "--moments"], timeout=120)
+    assert moments.returncode == 2 and "--index" in moments.stderr

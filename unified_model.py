@@ -396,11 +396,13 @@ class GroupSpans:
 def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarray, torch.Tensor],
                 sampled: SampledVideo) -> GroupSpans:
     """The one rule from frame groups (positions 0..N-1 in the sampled frame list) to original
-    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration."""
+    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration
+    (and num_frames: a one-frame video is one instant, so its groups span 0 s)."""
     indices = np.asarray(sampled.frame_indices, dtype=np.int64)
     times = np.asarray(sampled.timestamps, dtype=np.float64)
     reps = np.asarray(representatives, dtype=np.int64)
-    spans = [group_time_span(g, float(sampled.duration), len(indices)) for g in groups]
+    duration = 0.0 if getattr(sampled, "num_frames", None) == 1 else float(sampled.duration)
+    spans = [group_time_span(g, duration, len(indices)) for g in groups]
     return GroupSpans(
         frames=indices[reps],
         timestamps=times[reps],

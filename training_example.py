@@ -90,7 +90,9 @@ def _run(args: argparse.Namespace, ask: Callable[[str], str]) -> int:
 
     from config import from_dict
     from modules.metrics import format_metrics
-    from modules.training import Trainer, small_clip_state_dict, small_config_dict
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+    from modules.training import Trainer, small_config_dict
 
     print("Unified TempMe-STOP training example (synthetic clips of moving coloured shapes)\n")
     mode = args.mode or ("joint" if args.non_interactive else choose_mode(ask))
@@ -110,7 +112,7 @@ def _run(args: argparse.Namespace, ask: Callable[[str], str]) -> int:
         data["stop"]["prompt_dim"] = 16  # the temporal prompter's 3-D convolutions dominate CPU time
         clip_file = os.path.join(out, f"small_clip_{args.size}px.pt")
         if not os.path.isfile(clip_file):
-            torch.save(small_clip_state_dict(args.size), clip_file)
+            torch.save(random_state_dict(small_arch(args.size)), clip_file)
         data["clip_weights"] = clip_file
         training["backbone_lr"] = 1e-3  # a random CLIP has to learn from scratch
     else:

@@ -182,13 +182,15 @@ def test_fp16_on_cpu_runs_as_fp32_unless_forced(tmp_path, caplog):
     import torch
 
     from config import effective_precision
-    from modules.training import small_clip_state_dict, small_config_dict
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+    from modules.training import small_config_dict
     from unified_model import create_unified_model
 
     assert effective_precision("fp16", "cuda") == "fp16" and effective_precision("bf16", "cpu") == "bf16"
     assert effective_precision("fp16", "cpu", force=True) == "fp16"
     clip_file = tmp_path / "clip.pt"
-    torch.save(small_clip_state_dict(32, vision_width=64, vision_layers=2, text_width=64, text_layers=2), clip_file)
+    torch.save(random_state_dict(small_arch(32, vision_width=64, vision_layers=2, text_width=64, text_layers=2)), clip_file)
     data = small_config_dict(32, vision_layers=2)
     data["clip_weights"] = str(clip_file)
     fp16 = from_dict({**data, "precision": "fp16"})

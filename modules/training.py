@@ -81,28 +81,10 @@ from unified_model import (
 )
 
 __all__ = [
-    "GROUPS",
-    "MODE_GROUPS",
-    "Phase",
-    "DistEnv",
-    "Trainer",
-    "init_distributed",
-    "cleanup_distributed",
-    "gather_with_local_grad",
-    "contrastive_loss",
-    "evaluate_split",
-    "uses_weight_decay",
-    "build_optimizer",
-    "plan_phases",
-    "lr_factor",
-    "build_scheduler",
-    "capture_rng_state",
-    "restore_rng_state",
-    "validation_loss",
-    "autocast_dtype",
-    "TrainingDiverged",
-    "run_files",
-    "small_config_dict",
+    "GROUPS", "MODE_GROUPS", "Phase", "DistEnv", "Trainer", "init_distributed", "cleanup_distributed",
+    "gather_with_local_grad", "contrastive_loss", "evaluate_split", "uses_weight_decay", "build_optimizer",
+    "plan_phases", "lr_factor", "build_scheduler", "capture_rng_state", "restore_rng_state",
+    "validation_loss", "autocast_dtype", "TrainingDiverged", "run_files", "small_config_dict",
     "ARCHITECTURE_KEYS",
 ]
 

@@ -110,10 +110,13 @@ def step_sizing(args, ctx) -> str:
     from modules.device_feed import (ForwardShapes, activation_bytes_per_video, choose_batch_size,
                                      device_bytes_per_video)
 
-    shapes = ForwardShapes.of_model(ctx["build"]("fp16" if ctx["cuda"] else "fp32"))
+    model = ctx["build"]("fp16" if ctx["cuda"] else "fp32")
+    shapes = ForwardShapes.of_model(model)
+    device = model.device
+    del model
     per_video = device_bytes_per_video(shapes)
     if ctx["cuda"]:
-        free, total = torch.cuda.mem_get_info(model.device)
+        free, total = torch.cuda.mem_get_info(device)
     else:  # no device memory to ask: pretend a 16 GiB card to show the arithmetic
         free, total = 16 * 2**30, 16 * 2**30
     batch = choose_batch_size(free, per_video)

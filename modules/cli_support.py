@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from modules.errors import error_line
 
@@ -69,12 +69,21 @@ def _usage_error_types() -> tuple:
     return tuple(types)
 
 
-def run_cli(job: Callable[[], int], interrupted_hint: str = "") -> int:
-    """Run ``job`` and turn expected failures into a one-line message and an exit code."""
+def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], str]] = "") -> int:
+    """Run ``job`` and turn expected failures into a one-line message and an exit code.
+
+    Log records go through tqdm's writer while the job runs, so a line logged under a
+    progress bar starts on its own line instead of being glued to the bar.
+    ``interrupted_hint`` (text, or a function asked at Ctrl-C time) follows "interrupted: ".
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return job()
+        with logging_redirect_tqdm():
+            return job()
     except KeyboardInterrupt:
-        print("interrupted" + (f": {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
+        hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+        print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - classified below, bugs re-raised
         if isinstance(err, _usage_error_types()):

@@ -156,7 +156,9 @@ def _item_problem(item: Any) -> Optional[str]:
         return f"expected an object with video_path and query, got {type(item).__name__}"
     for key in ("video_path", "query"):
         value = item.get(key)
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            return f"{key!r} must be a string, got {type(value).__name__} {value!r}"
+        if value is None or not value.strip():
             return f"missing or empty {key!r}"
     k = item.get("top_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -346,8 +348,12 @@ def _check_same_model(info: Dict[str, Any], model, embeddings_dir) -> None:
 # ----------------------------------------------------------------------------- reports
 
 
-def format_inference_block(result: Dict[str, Any]) -> str:
-    """The INFERENCE RESULTS report of one (video, query) result."""
+def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) -> str:
+    """The INFERENCE RESULTS report of one (video, query) result.
+
+    top_k: the number of frames asked for; when the video has fewer frame groups the
+    report says that only those exist.
+    """
     lines = [
         "",
         "INFERENCE RESULTS",
@@ -360,7 +366,9 @@ def format_inference_block(result: Dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         f"Relevant frames: {result['frames']}",
-        f"Number of frames: {len(result['frames'])}",
+        f"Number of frames: {len(result['frames'])}" + (
+            f" (only {len(result['frames'])} frame groups exist; {top_k} asked for)"
+            if top_k is not None and len(result["frames"]) < top_k else ""),
         f"Inference time: {result['inference_time']:.2f}s",
         "Time spans (best first):",
     ]

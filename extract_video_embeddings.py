@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from modules.cli_support import (DEFAULT_EXTENSIONS, HelpFormatter, add_logging_arguments, add_model_arguments,
+                                     add_window_arguments,
                                      int_at_least)
 
     parser = argparse.ArgumentParser(
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
     add_model_arguments(parser)
+    add_window_arguments(parser)
 
     speed = parser.add_argument_group("speed and scale-out")
     speed.add_argument("--batch_size", type=int_at_least(1), default=None,
@@ -106,6 +108,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 parallel_batches=args.parallel_batches,
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
+                window_seconds=args.window_seconds, window_stride=args.window_stride,
             )
         _print_result(result, args)
         totals = result.get("global", result)

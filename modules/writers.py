@@ -29,7 +29,8 @@ writer. Fields (all but name/video_path/status optional, so adding one breaks no
 (unified_model.group_spans); ``<name>_frames.npz`` is built from it only when written.
 
 :class:`OutputFilesWriter` is the writer behind the script's outputs: per video
-``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz``; per folder
+``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz`` (and ``<name>_windows.npz``, the window
+table of a long video encoded by windows, ``modules.long_video``); per folder
 ``consolidated_embeddings.json`` + ``embeddings.npy`` + ``embeddings_index.json``
 (``--consolidated``) and ``extraction_summary.json`` (``--summary``).
 """
@@ -63,7 +64,7 @@ CONSOLIDATED_NPY = "embeddings.npy"
 CONSOLIDATED_INDEX = "embeddings_index.json"
 SUMMARY_JSON = "extraction_summary.json"
 #: endings of every per-video file (what stale-temp cleanup may remove temps of)
-PER_VIDEO_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz")
+PER_VIDEO_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", "_windows.npz")
 
 
 @dataclass
@@ -229,6 +230,14 @@ class OutputFilesWriter(Writer):
     def write(self, result: VideoResult) -> None:
         """Write one video's files (each atomically); the embedding files last."""
         files = self.files(result.name)
+        table = result.extra.get("windows")  # a long video's window table (modules.long_video)
+        if table is not None:
+            from modules.long_video import WINDOWS_SUFFIX, frames_payload_from_table
+
+            save_npz_atomic(os.path.join(self.output_dir, *result.name.split("/")) + WINDOWS_SUFFIX,
+                            **table.to_arrays())
+            if "frames" in files:
+                save_npz_atomic(files["frames"], **frames_payload_from_table(table))
         if "frames" in files and result.group_features is not None:
             save_npz_atomic(files["frames"], **frames_payload(result))
         embedding = result.embedding

@@ -136,6 +136,30 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def seconds_arg(value: str) -> float:
+    """argparse type for a finite number of seconds >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not (number >= 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--window_seconds / --window_stride (long videos as a timeline of windows)."""
+    group = parser.add_argument_group("long videos")
+    group.add_argument("--window_seconds", type=seconds_arg, default=None,
+                       help="cut each video into windows of this many seconds, each sampled and encoded like a "
+                            "short video (0 = never; default: the config's window_seconds, which windows only "
+                            "videos longer than 10 minutes, with 30 s windows)")
+    group.add_argument("--window_stride", type=seconds_arg, default=None,
+                       help="seconds between window starts, > 0 and <= --window_seconds (default: the window "
+                            "length: windows side by side)")
+    return group
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """--config_path/--config, --clip_weights, --checkpoint, --device: the same in every script."""
     group = parser.add_argument_group("model")

@@ -377,6 +377,8 @@ def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) 
             f"  {rank}. frame {seg['frame']} at {seg['timestamp']:.2f}s: "
             f"{seg['start_time']:.2f}s-{seg['end_time']:.2f}s (frames {seg['start_frame']}-{seg['end_frame']}), "
             f"score {seg['score']:.4f}"
+            + (f" [window {seg['window']}: {seg['window_start']:.1f}s-{seg['window_end']:.1f}s, group {seg['group']}]"
+               if "window" in seg else "")
         )
     return "\n".join(lines)
 

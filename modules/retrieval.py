@@ -22,7 +22,7 @@ import torch
 
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
-from modules.forward_lanes import model_error
+from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
 from modules.video_sampler import normalize_uint8
 from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY
 
@@ -132,7 +132,12 @@ def batch_retrieve_events(
                 continue
             shared = (decoded.seconds + time.perf_counter() - start) / len(indices)
             reps = features.representatives[0].cpu()
+            bad = (degenerate_rows(texts) | ~torch.isfinite(scores).all(dim=1).numpy()
+                   | degenerate_rows(features.video_embeddings).any())
             for row, i in enumerate(indices):
+                if bad[row]:  # NaN scores (or a zero text vector) are no ranking: never a result
+                    results[i].update(status="error", error=f"{path}: {NON_FINITE_ERROR}")
+                    continue
                 t0 = time.perf_counter()
                 k = video_queries[i].get("top_k", default_k)
                 hits = rank_hits(scores[row].cpu(), features.groups[0], reps, decoded.video, k)
@@ -259,13 +264,21 @@ def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str
         raise UsageError(f"top_k must be >= 1, got {k}")
     with torch.inference_mode():
         text = model.encode_text([query])[0].float().cpu().numpy()
+    if degenerate_rows(text[None]).any():
+        raise UsageError(f"the text embedding of {query!r} is non-finite (NaN or inf) or zero: the model's "
+                         "checkpoint or weights hold non-finite or huge numbers")
     if matrix.shape[1] != text.shape[0]:
         raise UsageError(f"{embeddings_dir}: embeddings have {matrix.shape[1]} dimensions, "
                          f"the model's text embeddings {text.shape[0]}: extracted with another model")
     _warn_if_other_model(info, model, embeddings_dir)
     norms = np.linalg.norm(matrix, axis=1)
     scores = (matrix @ text) / np.maximum(norms, 1e-12)
-    order = np.argsort(-scores, kind="stable")[:k]
+    finite = np.isfinite(scores)
+    if not finite.all():
+        logger.warning("%s: %d videos with non-finite embeddings left out of the ranking (re-extract them)",
+                       embeddings_dir, int((~finite).sum()))
+    ranked = np.flatnonzero(finite)
+    order = ranked[np.argsort(-scores[ranked], kind="stable")][:k]
     return {
         "query": query,
         "embeddings_dir": os.fspath(embeddings_dir),

@@ -23,6 +23,7 @@ import torch
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
 from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
+from modules.json_input import JSONInputError, read_json_file
 from modules.video_sampler import normalize_uint8
 from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY
 
@@ -168,17 +169,13 @@ def _item_problem(item: Any) -> Optional[str]:
 
 
 def load_batch_file(path: Union[str, os.PathLike]) -> List[Any]:
-    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]})."""
+    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]}),
+    read as hostile data (``modules.json_input``); problems are one-line UsageErrors."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"batch file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read batch file ({err})") from None
+        data = read_json_file(path, "batch file")
+    except JSONInputError as err:
+        raise UsageError(str(err)) from None
     if isinstance(data, dict) and isinstance(data.get("queries"), list):
         data = data["queries"]
     if not isinstance(data, list):

@@ -39,6 +39,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RULE = "=" * 50
+#: queries per text forward in batch retrieval: activation memory stays flat however many
+#: queries ask about one video (one forward of 10k queries peaked at 12.4 GB)
+TEXT_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- batch retrieval
@@ -123,7 +126,8 @@ def batch_retrieve_events(
             try:
                 with torch.inference_mode():
                     features = model.encode_videos(normalize_uint8(decoded.frames).unsqueeze(0))
-                    texts = model.encode_text([str(video_queries[i]["query"]) for i in indices])
+                    texts = torch.cat([model.encode_text([str(video_queries[i]["query"]) for i in chunk])
+                                       for chunk in _chunks(indices, TEXT_CHUNK)])
                     scores = texts @ features.frame_features[0].T  # (Q, F)
             except Exception as err:  # noqa: BLE001 - one bad video must not stop the batch
                 message = model_error(err)
@@ -153,6 +157,10 @@ def batch_retrieve_events(
         stream.close()
         bar.close()
     return results
+
+
+def _chunks(items: Sequence[int], size: int) -> List[Sequence[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _item_problem(item: Any) -> Optional[str]:

@@ -203,3 +203,30 @@ def test_a_zero_text_embedding_is_no_score(model, tmp_path):
     np.save(tmp_path / "emb" / "good_embedding.npy", np.ones(model.embed_dim, np.float32))
     with pytest.raises(UsageError, match="non-finite"):
         search_embeddings(broken, tmp_path / "emb", "a dog")
+
+
+# ----------------------------------------------------------------------------- item 16: bounded text forwards
+
+
+def test_batch_retrieval_encodes_queries_in_bounded_chunks(model, tmp_path, monkeypatch):
+    """Many queries about one video go through the text encoder TEXT_CHUNK at a time, same scores."""
+    import modules.retrieval as retrieval
+
+    path = str(_clip(tmp_path / "many.mp4"))
+    pairs = [{"video_path": path, "query": f"query number {i}"} for i in range(7)]
+    sizes = []
+    encode_text = model.encode_text
+
+    def counting(texts):
+        sizes.append(len(texts))
+        return encode_text(texts)
+
+    monkeypatch.setattr(model, "encode_text", counting)
+    whole = retrieval.batch_retrieve_events(pairs, model=model)
+    assert sizes == [7]  # TEXT_CHUNK (256) covers them at once
+    sizes.clear()
+    monkeypatch.setattr(retrieval, "TEXT_CHUNK", 3)
+    chunked = retrieval.batch_retrieve_events(pairs, model=model)
+    assert sizes == [3, 3, 1]
+    for a, b in zip(whole, chunked):
+        assert a["frames"] == b["frames"] and np.allclose(a["scores"], b["scores"], atol=1e-5)

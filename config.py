@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
+from modules.clip_archs import ACTIVATIONS, ENCODER_DEPTH
 from modules.atomic_io import save_text_atomic
 from modules.json_input import JSONInputError, read_json_file
 
@@ -34,9 +35,8 @@ __all__ = [
     "default_config_path",
 ]
 
-# Transformer depth of the vision towers we know; used to validate merge layers before
-# any weights are loaded (the encoder re-checks against the real checkpoint).
-ENCODER_DEPTH = {"ViT-B/32": 12, "ViT-B/16": 12, "ViT-L/14": 24}
+# ENCODER_DEPTH (modules/clip_archs.py, torch-free): depth of the vision towers we know;
+# validates merge layers before any weights are loaded (the encoder re-checks them).
 SIM_HEADERS = ("meanP", "seqTransf")
 TEMPORAL_PROMPTS = ("group2-2", "none")
 SPATIAL_PROMPTS = ("patch", "none")
@@ -350,8 +350,13 @@ class UnifiedModelConfig(_Section):
     max_words: int = 32
     top_k: int = 5
     clip_weights: Optional[str] = None
+    clip_activation: Optional[str] = None  # quick_gelu | gelu; null = what the weights say
     device: str = "auto"
     precision: str = "fp32"
+    # long videos (modules/long_video.py): seconds per window; None = windows only for videos
+    # longer than 10 minutes (30 s windows), 0 = never; stride None = the window length
+    window_seconds: Optional[float] = None
+    window_stride: Optional[float] = None
     training: Optional[TrainingConfig] = None
 
     def __post_init__(self) -> None:
@@ -365,8 +370,14 @@ class UnifiedModelConfig(_Section):
         _require(3 <= self.max_words <= 77, "max_words", f"must be in [3, 77] (CLIP context is 77), got {self.max_words}")
         _require(bool(_DEVICE_RE.match(self.device)), "device",
                  f"must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        _require(self.clip_activation is None or self.clip_activation in ACTIVATIONS, "clip_activation",
+                 f"must be one of {', '.join(ACTIVATIONS)} or null (= what the weights say), got {self.clip_activation!r}")
         _require(self.precision in PRECISIONS, "precision",
                  f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _require(self.window_seconds is None or self.window_seconds >= 0, "window_seconds",
+                 f"must be >= 0 seconds (0 = no windows) or null (automatic), got {self.window_seconds}")
+        _require(self.window_stride is None or (bool(self.window_seconds) and 0 < self.window_stride <= self.window_seconds),
+                 "window_stride", f"must be > 0 and <= window_seconds (which must be set > 0), got {self.window_stride}")
         _require(self.stop.pretrained_clip_name == self.tempme.base_encoder, "stop.pretrained_clip_name",
                  f"{self.stop.pretrained_clip_name!r} disagrees with tempme.base_encoder "
                  f"{self.tempme.base_encoder!r}: both name the one CLIP backbone the model uses")

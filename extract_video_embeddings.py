@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write extraction_summary.json: per-video status, error and seconds; totals with videos/s")
     io.add_argument("--save_frame_features", action="store_true",
                     help="also write <name>_frames.npz: the frame features with original frame numbers and timestamps")
+    io.add_argument("--index", action="store_true",
+                    help="also keep the searchable video library in OUTPUT_DIR/library up to date: videos with their "
+                         "moments (search it with inference.py --embeddings_dir OUTPUT_DIR) (default: off)")
     io.add_argument("--overwrite", action="store_true",
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
@@ -106,12 +109,32 @@ def main(argv: Optional[List[str]] = None) -> int:
                 parallel_batches=args.parallel_batches,
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
+                writers=_library_writers(args),
             )
         _print_result(result, args)
+        if args.index and (result.get("num_shards", 1) == 1 or "global" in result):
+            _print_library(args)
         totals = result.get("global", result)
         return 1 if totals["failed"] else 0
 
     return run_cli(job, interrupted_hint="finished videos are saved; rerun the same command to resume")
+
+
+def _library_writers(args: argparse.Namespace) -> list:
+    """--index: the writer that keeps OUTPUT_DIR/library up to date (refuses another model early)."""
+    if not args.index:
+        return []
+    from modules.library_cli import cli_fingerprint
+    from modules.library_writer import LibraryWriter
+
+    return [LibraryWriter(args.output_dir, cli_fingerprint(args.config_path, args.checkpoint, args.clip_weights))]
+
+
+def _print_library(args: argparse.Namespace) -> None:
+    from modules.library import VideoLibrary
+
+    library = VideoLibrary.open(args.output_dir)
+    print(f"Library {library.root}: {len(library)} videos, {library.num_segments} moments")
 
 
 def _print_result(result: dict, args: argparse.Namespace) -> None:

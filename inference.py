@@ -238,7 +238,8 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """Two synthetic videos -> directory extraction -> frame retrieval -> embedding search."""
     from modules.extraction import extract_directory_embeddings
-    from modules.module_clip import WeightsError, load_clip_state_dict, random_state_dict
+    from modules.clip_weights import WeightsError, load_clip_state_dict
+    from modules.module_clip import random_state_dict
     from modules.retrieval import batch_retrieve_events, format_inference_block, format_search_block, search_embeddings
     from modules.synthetic_video import MovingShape, write_moving_shapes_video
     from unified_model import create_unified_model, load_model_spec

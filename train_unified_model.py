@@ -95,7 +95,7 @@ def _resolve_resume(path: Optional[str]) -> Optional[str]:
 
 
 def _known_clip_names() -> List[str]:
-    from modules.module_clip import OPENAI_MODELS
+    from modules.clip_weights import OPENAI_MODELS
 
     return [n for name in OPENAI_MODELS for n in (name, name.replace("/", "-"))]
 
@@ -108,11 +108,14 @@ def validate(args: argparse.Namespace):
 
     config = load_training_config(apply_overrides(read_json_object(args.config), args))
     check_data_paths(config.training, need_train=not args.eval_only)
+    from modules.clip_weights import TEMPME_PREFIX, is_official_name
+
     weights = config.clip_weights
-    if weights not in (None, "random") and not os.path.isfile(weights) and weights not in _known_clip_names():
+    local = weights[len(TEMPME_PREFIX):] if weights and weights.startswith(TEMPME_PREFIX) else weights
+    if not is_official_name(weights) and not os.path.exists(os.path.expanduser(local)):
         raise ConfigError("clip_weights", f"file not found: {weights} (nor a model name: {', '.join(_known_clip_names())})")
     for flag, path in (("--resume", args.resume), ("--checkpoint", args.checkpoint)):
-        if path is not None and not os.path.isfile(path):
+        if path is not None and not os.path.isfile(path[len(TEMPME_PREFIX):] if path.startswith(TEMPME_PREFIX) else path):
             raise ConfigError(flag, f"checkpoint not found: {path}")
     if args.resume and args.checkpoint:
         raise ConfigError("--checkpoint", "give either --resume (continue a run) or --checkpoint (start from weights)")
@@ -146,7 +149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    from modules.module_clip import WeightsError
+    from modules.clip_weights import WeightsError
     from modules.training import Trainer, cleanup_distributed, init_distributed
     from unified_model import CheckpointError
 

@@ -78,8 +78,10 @@ def main(argv: Optional[List[str]] = None, ask: Callable[[str], str] = input) ->
 
     from config import ConfigError, from_dict
     from modules.metrics import format_metrics
-    from modules.module_clip import WeightsError
-    from modules.training import Trainer, small_clip_state_dict, small_config_dict
+    from modules.clip_weights import WeightsError
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+    from modules.training import Trainer, small_config_dict
     from unified_model import CheckpointError
 
     print("Unified TempMe-STOP training example (synthetic clips of moving coloured shapes)\n")
@@ -101,7 +103,7 @@ def main(argv: Optional[List[str]] = None, ask: Callable[[str], str] = input) ->
             clip_file = os.path.join(out, f"small_clip_{args.size}px.pt")
             os.makedirs(out, exist_ok=True)
             if not os.path.isfile(clip_file):
-                torch.save(small_clip_state_dict(args.size), clip_file)
+                torch.save(random_state_dict(small_arch(args.size)), clip_file)
             data["clip_weights"] = clip_file
             training["backbone_lr"] = 1e-3  # a random CLIP has to learn from scratch
         else:

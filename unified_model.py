@@ -29,7 +29,10 @@ from modules.atomic_io import atomic_write
 from modules.frame_compression import compress_frames
 from modules.heads import build_head
 from modules.lora import LoRAQKV, merge_lora_weights
-from modules.module_clip import build_model, load_or_random
+from modules.checkpoint_formats import is_tempme_state, read_tempme_checkpoint, tempme_payload
+from modules.clip_weights import (TEMPME_PREFIX, ClipWeights, WeightsError, checkpoint_clip_weights, choose_activation,
+                                  first_non_finite, resolve_clip_weights)
+from modules.module_clip import build_model
 from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
 from modules.tempme_encoder import MergeSchedule, PromptInputs, TempMeEncoder
 from modules.tokenization_clip import tokenize_for_model
@@ -129,22 +132,28 @@ class FrameHit:
 class UnifiedTempMeSTOPModel(nn.Module):
     """CLIP ViT with TempMe merging + LoRA and STOP prompts, and a meanP/seqTransf head."""
 
-    def __init__(self, config: UnifiedModelConfig, clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
-                 init_seed: int = 0):
+    def __init__(self, config: UnifiedModelConfig,
+                 clip_state_dict: Union[Dict[str, torch.Tensor], ClipWeights, None] = None, init_seed: int = 0):
         super().__init__()
         self.config = config
         if clip_state_dict is None:
-            clip_state_dict = load_or_random(config.clip_weights, base_name=config.tempme.base_encoder)
+            clip_state_dict = resolve_clip_weights(config.clip_weights, base_name=config.tempme.base_encoder)
+        if isinstance(clip_state_dict, ClipWeights):
+            activation = choose_activation(clip_state_dict, config.clip_activation)
+            clip_state_dict = clip_state_dict.state_dict
+        else:  # tensors handed over in Python (random or converted by the caller): our default unless configured
+            activation = config.clip_activation or "quick_gelu"
         # The tensors a checkpoint would provide (LoRA A, prompts, head) start from a fixed
         # seed, so untrained models built in different processes (torchrun ranks, extraction
         # and inference runs) compute in the same embedding space. The global RNG is untouched.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(init_seed)
-            self._build(config, clip_state_dict)
-        self.text_lora_merged = False
+            self._build(config, clip_state_dict, activation)
+        # Only a record for checkpoint_payload: forward reads the adapters, which merging removes.
+        self._lora_folded = False
 
-    def _build(self, config: UnifiedModelConfig, clip_state_dict: Dict[str, torch.Tensor]) -> None:
-        self.clip = build_model(clip_state_dict)
+    def _build(self, config: UnifiedModelConfig, clip_state_dict: Dict[str, torch.Tensor], activation: str) -> None:
+        self.clip = build_model(clip_state_dict, activation)
         self.clip.requires_grad_(False)
         visual = self.clip.visual
         if visual.input_resolution != config.video_size:
@@ -253,8 +262,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids (T, L) -> projected EOT features (T, D), not normalised."""
-        use_lora = self.text_lora is not None and not self.text_lora_merged
-        return self.clip.encode_text(tokens, adapters=self.text_lora if use_lora else None)
+        return self.clip.encode_text(tokens, adapters=self.text_lora)
 
     # ------------------------------------------------------------------ retrieval
     @torch.no_grad()
@@ -287,15 +295,19 @@ class UnifiedTempMeSTOPModel(nn.Module):
     # ------------------------------------------------------------------ LoRA merge
     @torch.no_grad()
     def merge_lora(self) -> None:
-        """Fold vision and text LoRA into CLIP's qkv weights (inference only; same outputs)."""
-        self.tempme.merge_lora(self.clip.visual)
-        if self.text_lora is not None and not self.text_lora_merged:
+        """Fold vision and text LoRA into CLIP's qkv weights and remove the adapters
+        (inference only; same outputs, one matmul less per block)."""
+        folded = self.tempme.merge_lora(self.clip.visual)
+        if self.text_lora is not None:
             merge_lora_weights((b.attn for b in self.clip.transformer.resblocks), self.text_lora)
-            self.text_lora_merged = True
+            self.text_lora = None
+            folded = True
+        self._lora_folded = self._lora_folded or folded
 
     @property
     def lora_merged(self) -> bool:
-        return self.tempme.lora_merged or self.text_lora_merged
+        """True once merge_lora folded adapters into CLIP (such a model cannot be saved)."""
+        return self._lora_folded
 
     # ------------------------------------------------------------------ parameters
     def named_group_parameters(self, group: str) -> Iterator[Tuple[str, nn.Parameter]]:
@@ -444,21 +456,51 @@ def atomic_torch_save(obj: Any, path: Union[str, os.PathLike]) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Read and check a model checkpoint with ``weights_only=True``; one-line errors."""
-    path = os.fspath(path)
+def _load_checkpoint_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt zip, pickle refused by weights_only, ...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(err).__name__})") from None
+
+
+def _checked_payload(payload: Any, path: str) -> Dict[str, Any]:
     if not isinstance(payload, dict) or "trainable" not in payload or "config" not in payload:
         raise CheckpointError(f"{path}: not a unified-model checkpoint (no 'trainable'/'config' entries)")
     version = payload.get("format_version")
     if version != CHECKPOINT_FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version}, this code reads format {CHECKPOINT_FORMAT_VERSION}")
+    if not isinstance(payload["trainable"], dict):
+        raise CheckpointError(f"{path}: 'trainable' is not a dict of tensors")
+    bad = first_non_finite(payload["trainable"])
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or infinite values; refusing a corrupt checkpoint")
     return payload
+
+
+def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Read and check a model checkpoint with ``weights_only=True``; one-line errors."""
+    path = os.fspath(path)
+    return _checked_payload(_load_checkpoint_file(path), path)
+
+
+def read_model_checkpoint(checkpoint: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], Optional[ClipWeights]]:
+    """-> (a format-v1 payload, the CLIP weights the checkpoint carries or None), read once.
+
+    Reads this project's checkpoints and TempMe's training checkpoints (``tempme:PATH``,
+    or detected by their tensor names), which carry their own CLIP weights.
+    """
+    path = os.fspath(checkpoint)
+    try:
+        if path.startswith(TEMPME_PREFIX):
+            return read_tempme_checkpoint(path[len(TEMPME_PREFIX):])
+        obj = _load_checkpoint_file(path)
+        if isinstance(obj, dict) and "trainable" not in obj and is_tempme_state(obj):
+            return tempme_payload(obj, path)
+    except WeightsError as err:
+        raise CheckpointError(str(err)) from None
+    return _checked_payload(obj, path), None
 
 
 #: config keys that define the network; a checkpoint must agree on them
@@ -484,11 +526,13 @@ class ModelSpec:
     config: the model's config (the caller's object unless an override applied, and then a
     copy: a caller's config is never written to). checkpoint: the checkpoint path or None.
     payload: the checkpoint's contents as :func:`read_checkpoint` returned them.
+    clip: the CLIP weights inside the checkpoint (TempMe's), used unless clip_weights overrides.
     """
 
     config: UnifiedModelConfig
     checkpoint: Optional[str] = None
     payload: Optional[Dict[str, Any]] = None
+    clip: Optional[ClipWeights] = None  # CLIP weights the checkpoint carries (TempMe's do)
 
 
 #: what a config/checkpoint architecture mismatch adds to its message by default
@@ -509,19 +553,22 @@ def load_model_spec(
     is used, else the built-in defaults. clip_weights overrides config.clip_weights.
     Raises ConfigError / CheckpointError with one-line messages.
     """
-    payload = read_checkpoint(checkpoint) if checkpoint is not None else None
+    payload, checkpoint_clip = read_model_checkpoint(checkpoint) if checkpoint is not None else (None, None)
     if config is None:
         if config_path is not None:
             config = from_json(config_path)
         elif payload is not None:
             config = from_dict(payload["config"])
+            if checkpoint_clip is None:  # a file named inside a checkpoint is opened only on the user's word
+                clip_weights = checkpoint_clip_weights(config.clip_weights, os.fspath(checkpoint), clip_weights)
         else:
             config = UnifiedModelConfig()
     if payload is not None:
         check_architecture(payload["config"], config, checkpoint, architecture_hint)
     if clip_weights is not None and clip_weights != config.clip_weights:
         config = dataclasses.replace(config, clip_weights=clip_weights)
-    return ModelSpec(config, None if checkpoint is None else os.fspath(checkpoint), payload)
+        checkpoint_clip = None  # the user's weights replace those the checkpoint carries
+    return ModelSpec(config, None if checkpoint is None else os.fspath(checkpoint), payload, checkpoint_clip)
 
 
 def create_unified_model(
@@ -553,7 +600,7 @@ def create_unified_model(
     if spec is None:
         spec = load_model_spec(config_path, checkpoint, clip_weights, config, architecture_hint=architecture_hint)
     target = resolve_model_device(device, spec.config)
-    model = UnifiedTempMeSTOPModel(spec.config, clip_state_dict)
+    model = UnifiedTempMeSTOPModel(spec.config, clip_state_dict if clip_state_dict is not None else spec.clip)
     if spec.payload is not None:
         model.load_trainable_state(spec.payload["trainable"], source=spec.checkpoint)
     model = model.to(target).eval()

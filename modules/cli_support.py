@@ -61,7 +61,7 @@ def _usage_error_types() -> tuple:
     from config import ConfigError
 
     types = [UsageError, ConfigError]
-    for module, name in (("modules.module_clip", "WeightsError"), ("unified_model", "CheckpointError"),
+    for module, name in (("modules.clip_weights", "WeightsError"), ("unified_model", "CheckpointError"),
                          ("unified_model", "DeviceError")):
         loaded = sys.modules.get(module)
         if loaded is not None:

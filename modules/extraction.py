@@ -9,6 +9,7 @@
     run     decode_pool     sample_video in worker processes, uint8 frames back
             unified_model   the model, built once (create_unified_model) while workers decode
             forward_lanes   batches of batch_size through encode_videos (side by side on CPU)
+            device_feed     on CUDA: pinned uploads of batch k+1 overlap batch k's forward
             writers         write(VideoResult): <name>_embedding.npy / .json / <name>_frames.npz
     finish  distributed     shards publish their records; rank 0 / the last shard merges them
             writers         close(report): consolidated files + index, summary
@@ -33,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from modules.cli_support import UsageError
 from modules.decode_pool import DecodedVideo, decode_stream, default_num_workers
+from modules.device_feed import MAX_DEVICE_BATCH, DeviceFeeder, DeviceLane, default_device_workers, device_batch_size
 from modules.distributed import DistEnv, barrier, cleanup_distributed, init_distributed, listing_signature, \
     publish_share, read_shares
 from modules.errors import one_line
@@ -102,7 +104,7 @@ class ExtractionPlan:
     writers: List[Writer]
     pending: List[VideoEntry]
     records: Dict[str, VideoResult]
-    batch_size: int
+    batch_size: Optional[int]
     lanes: int
     workers: int
     settings: Dict[str, Any] = field(default_factory=dict)
@@ -144,8 +146,10 @@ def extract_directory_embeddings(
     "both"; save_frame_features: also ``<name>_frames.npz``; consolidated: also
     ``consolidated_embeddings.json``, ``embeddings.npy``, ``embeddings_index.json``;
     summary: also ``extraction_summary.json``; writers: more writers (``modules.writers``).
-    recursive, extensions: what is listed. batch_size: videos per forward (None: 1 on CPU,
-    4 on CUDA). num_workers: decode processes (None: ``default_num_workers``; 0: inline).
+    recursive, extensions: what is listed. batch_size: videos per forward (None: 1 on CPU; on
+    CUDA what free device memory holds, ``device_feed.device_batch_size``). num_workers:
+    decode processes (None: ``default_num_workers`` on CPU, ``default_device_workers`` on
+    CUDA; 0: inline).
     parallel_batches: CPU forwards side by side, each on an equal share of torch's threads
     (restored on return). overwrite: recompute finished videos (default: resume).
     shard, num_shards: process one share without torchrun. progress: a tqdm bar.
@@ -203,10 +207,11 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     if skipped:
         logger.info("skipping %d videos whose outputs already exist (use --overwrite to redo them)", skipped)
     on_cpu = (model.device if model is not None else env.device).type == "cpu"
-    workers = default_num_workers(env.local_world_size) if options.num_workers is None else options.num_workers
+    workers = options.num_workers if options.num_workers is not None else (
+        default_num_workers(env.local_world_size) if on_cpu else default_device_workers(env.local_world_size))
     plan = ExtractionPlan(
         options, start, video_dir, output_dir, entries, mine, env, spec, config, writers, pending, records,
-        batch_size=options.batch_size or (1 if on_cpu else 4),
+        batch_size=options.batch_size or (1 if on_cpu else None),  # CUDA: set once the model is on the device
         lanes=(options.parallel_batches or default_parallel_batches()) if on_cpu else 1, workers=workers)
     plan.settings = {
         "video_dir": video_dir, "output_dir": output_dir, "save_format": options.save_format,
@@ -266,17 +271,26 @@ def run_extraction(plan: ExtractionPlan):
             # start the decode workers first: they work while the model loads, and they
             # are forked before any helper thread (tqdm's monitor, forward lanes) exists
             stream = decode_stream([e.path for e in plan.pending], plan.config, plan.workers,
-                                   max_in_flight=plan.batch_size * plan.lanes + 2 * max(1, plan.workers))
+                                   max_in_flight=(plan.batch_size or MAX_DEVICE_BATCH) * plan.lanes
+                                   + 2 * max(1, plan.workers))
             if model is None:
                 model = create_unified_model(spec=plan.spec, device=env.device, merge_lora=options.merge_lora)
+            if plan.batch_size is None:  # CUDA: the batch free device memory holds
+                plan.batch_size = plan.settings["batch_size"] = device_batch_size(model)
         failed = sum(1 for r in plan.records.values() if r.status == "failed")
         bar = tqdm(total=len(plan.pending) + failed, initial=failed, unit="video", desc="extracting",
                    disable=not options.progress or (env.distributed and env.rank != 0),
                    dynamic_ncols=True, smoothing=0.1)
         if plan.pending:
             tally = _Tally(plan, bar)
-            forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
+            if model.device.type == "cuda":  # uploads overlap the forwards (modules/device_feed.py)
+                forwards = DeviceLane(DeviceFeeder(model.device), lambda items, frames: encode_batch(model, items, frames),
+                                      frames_of=lambda item: item[1].video.frames)
+            else:
+                forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
             _encode_stream(plan, stream, forwards, tally)
+            if isinstance(forwards, DeviceLane):
+                plan.settings["model_wait_share"] = round(forwards.wait_share, 4)
     finally:
         if forwards is not None:
             forwards.close()
@@ -287,7 +301,7 @@ def run_extraction(plan: ExtractionPlan):
     return model
 
 
-def _encode_stream(plan: ExtractionPlan, stream, forwards: ForwardLanes, tally: _Tally) -> None:
+def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally) -> None:
     by_path = {e.path: e for e in plan.pending}
     batch: List[Tuple[VideoEntry, DecodedVideo]] = []
     with lane_threads(plan.lanes):

@@ -50,15 +50,19 @@ def model_error(err: BaseException) -> str:
     return "model error: " + error_line(err, with_type=True)
 
 
-def encode_batch(model, batch: Sequence[Tuple[VideoEntry, DecodedVideo]]) -> List[VideoResult]:
+def encode_batch(model, batch: Sequence[Tuple[VideoEntry, DecodedVideo]],
+                 frames: Optional[torch.Tensor] = None) -> List[VideoResult]:
     """One forward for the batch (each video alone if the batch fails) -> one result per video.
 
+    ``frames``: the batch's normalised frames when they are already on the model's device
+    (:class:`~modules.device_feed.DeviceLane`), else they are made here from the uint8 frames.
     Successful results carry the embedding, the group features and groups, and the sampled
     video's metadata (its frames are dropped).
     """
     start = time.perf_counter()
     try:
-        frames = normalize_uint8(torch.stack([d.video.frames for _, d in batch]))
+        if frames is None:
+            frames = normalize_uint8(torch.stack([d.video.frames for _, d in batch]))
         with torch.inference_mode():
             features = model.encode_videos(frames)
         embeddings = features.video_embeddings.detach().cpu().numpy().astype(np.float32)

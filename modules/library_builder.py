@@ -137,6 +137,7 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
     """Create or extend ``output_dir``'s library from its per-video files.
 
     ``fingerprint`` is the model that made them (default: the one the folder records).
+    Names already in the library are skipped.
     Returns {"library", "added", "skipped", "failed", "segments", "videos"}.
     """
     output_dir = os.fspath(output_dir)

@@ -74,12 +74,11 @@ class ModelQueryEncoder:
 def encoder_for(fingerprint: Mapping[str, Any], device: str = "auto") -> ModelQueryEncoder:
     """Build the model a library fingerprint describes (its config, CLIP weights, checkpoint)."""
     from config import from_dict
-    from modules.retrieval import build_model
+    from unified_model import create_unified_model
 
     config_dict: Dict[str, Any] = dict(fingerprint.get("config") or {})
     if not config_dict:
         raise UsageError("the library records no model config; pass --config_path / --checkpoint / --clip_weights")
-    config = from_dict(config_dict)
-    if fingerprint.get("clip_weights") is not None:
-        config.clip_weights = fingerprint["clip_weights"]
-    return ModelQueryEncoder(build_model(config=config, checkpoint=fingerprint.get("checkpoint"), device=device))
+    model = create_unified_model(config=from_dict(config_dict), checkpoint=fingerprint.get("checkpoint"),
+                                 clip_weights=fingerprint.get("clip_weights"), device=device, merge_lora=True)
+    return ModelQueryEncoder(model)

@@ -15,8 +15,11 @@ embedding is returned as it is (identical to the unwindowed embedding).
 
 Overlap and memory: a background thread decodes while the model runs; it hands over
 windows through a queue of ``prefetch`` windows, so decoding window k+1 overlaps the
-forward of window k and at most ``prefetch + batch_windows + 1`` windows' frames exist
-at once (about 4.8 MB each at 32 frames of 224 x 224).
+forward of window k. On CPU the windows go through ``parallel_batches`` single-threaded
+forwards side by side (the directory pipeline's ``ForwardLanes``: on a few shared cores
+they beat one forward split across the cores). At most ``prefetch`` queued windows,
+the batch being assembled, the lanes' batches and the window being decoded hold frames
+at once (about 4.8 MB per window at 32 frames of 224 x 224), whatever the length.
 
 When windows are used (:func:`resolve_window`): ``window_seconds`` > 0 windows every
 video, 0 never; None (the default) windows only videos longer than
@@ -209,7 +212,7 @@ def _window_rows(batch: Sequence[SampledWindow], features, duration_of) -> List[
         num = len(sw.frame_indices)
         spans = [group_time_span(g, duration_of(w), num) for g in groups]
         rows.append({
-            "start_time": w.start_time, "end_time": w.end_time,
+            "index": w.index, "start_time": w.start_time, "end_time": w.end_time,
             "start_frame": w.first, "end_frame": w.last, "size": w.num_frames,
             "embedding": emb[i], "group_features": feats[i], "group_sizes": sizes[i],
             "group_frames": sw.frame_indices[reps[i]], "group_timestamps": sw.timestamps[reps[i]],
@@ -248,29 +251,39 @@ def _produce(stream: WindowStream, out: "queue.Queue", stop: threading.Event) ->
 
 
 def encode_long_video(model, path: PathLike, window_seconds: float, window_stride: Optional[float] = None,
-                      batch_windows: int = 2, prefetch: int = 2, decoder_threads: int = 1) -> WindowTable:
+                      batch_windows: int = 1, parallel_batches: Optional[int] = None, prefetch: Optional[int] = None,
+                      decoder_threads: int = 1) -> WindowTable:
     """Encode a video as a timeline of windows in one decoding pass.
 
     Args:
         model: a ``UnifiedTempMeSTOPModel`` (eval mode).
         path: video file.
         window_seconds: W seconds per window; window_stride: S in (0, W] (None = W).
-        batch_windows: windows per model forward.
-        prefetch: decoded windows queued ahead of the model.
+        batch_windows: windows per model forward (on CPU one window already fills the
+            matrix units).
+        parallel_batches: forwards running side by side (None: one per torch thread on
+            CPU, at most 4, each on one thread; 1 on CUDA), as the directory pipeline runs.
+        prefetch: decoded windows queued ahead of the model (None: one lane's worth more
+            than the lanes hold).
         decoder_threads: FFmpeg threads of the decode thread (1 leaves the cores to the model).
 
     Returns:
         :class:`WindowTable` with ``stats`` = {decoded_frames, num_frames, windows,
-        decode_wait_seconds, model_seconds}.
+        decode_wait_seconds, model_seconds (forward time summed over the lanes)}.
 
     Raises:
         VideoDecodeError: the file cannot be read or no window could be decoded.
     """
+    from modules.extraction import ForwardLanes, default_parallel_batches, lane_threads
     from modules.video_sampler import VideoDecodeError
 
     stride = check_window_args(window_seconds, window_stride)
-    if batch_windows < 1 or prefetch < 1:
-        raise ValueError(f"batch_windows and prefetch must be >= 1, got {batch_windows} and {prefetch}")
+    on_cpu = model.device.type == "cpu"
+    lanes = (parallel_batches or default_parallel_batches()) if on_cpu else 1
+    prefetch = lanes * batch_windows + 1 if prefetch is None else prefetch
+    if batch_windows < 1 or prefetch < 1 or lanes < 1:
+        raise ValueError(f"batch_windows, parallel_batches and prefetch must be >= 1, "
+                         f"got {batch_windows}, {lanes} and {prefetch}")
     config = model.config
     stream = iter_windows(path, window_seconds, stride, num_segments=config.num_segments, size=config.video_size,
                           decoder_threads=decoder_threads)
@@ -280,36 +293,51 @@ def encode_long_video(model, path: PathLike, window_seconds: float, window_strid
         # the one window of a short video spans the whole video, as today's groups do
         return stream.duration if single else w.end_time - w.start_time
 
+    def forward(batch: List[SampledWindow]) -> List[Tuple[float, List[Dict[str, Any]]]]:
+        t0 = time.perf_counter()
+        features = encode_window_batch(model, np.stack([w.frames for w in batch]))
+        rows = _window_rows(batch, features, duration_of)
+        return [(time.perf_counter() - t0, rows)]
+
     handoff: "queue.Queue" = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     producer = threading.Thread(target=_produce, args=(stream, handoff, stop), name="window-decode", daemon=True)
     rows: List[Dict[str, Any]] = []
     wait = model_time = 0.0
+
+    def collect(results) -> None:
+        nonlocal model_time
+        for seconds, batch_rows in results:
+            model_time += seconds
+            rows.extend(batch_rows)
+
+    lanes_run = ForwardLanes(lanes, forward)
     producer.start()
     try:
-        batch: List[SampledWindow] = []
-        finished = False
-        while not finished:
-            t0 = time.perf_counter()
-            item = handoff.get()
-            wait += time.perf_counter() - t0
-            if isinstance(item, BaseException):
-                raise item
-            if item is _DONE:
-                finished = True
-            else:
-                batch.append(item)
-            if batch and (finished or len(batch) >= batch_windows):
+        with lane_threads(lanes):
+            batch: List[SampledWindow] = []
+            finished = False
+            while not finished:
                 t0 = time.perf_counter()
-                features = encode_window_batch(model, np.stack([w.frames for w in batch]))
-                rows.extend(_window_rows(batch, features, duration_of))
-                model_time += time.perf_counter() - t0
-                batch = []
+                item = handoff.get()
+                wait += time.perf_counter() - t0
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _DONE:
+                    finished = True
+                else:
+                    batch.append(item)
+                if batch and (finished or len(batch) >= batch_windows):
+                    collect(lanes_run.submit(batch))
+                    batch = []
+            collect(lanes_run.drain())
     finally:
         stop.set()
+        lanes_run.close()
         producer.join()
     if not rows:
         raise VideoDecodeError(os.fspath(path), stream.note or "no decodable window")
+    rows.sort(key=lambda r: r["index"])  # lanes finish in any order
     table = _table_from_rows(rows, stream, float(window_seconds), stride)
     table.stats = {"decoded_frames": stream.decoded_frames, "num_frames": stream.num_frames,
                    "windows": len(rows), "decode_wait_seconds": round(wait, 3), "model_seconds": round(model_time, 3)}

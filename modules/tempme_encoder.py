@@ -193,7 +193,7 @@ def _attention(block: nn.Module, lora: Optional[LoRAQKV], state: TokenState, bia
     h = block.ln_1(state.x)
     delta = lora(h) if lora is not None else None
     q, k, v = block.attn.project_qkv(h, qkv_delta=delta)
-    # SDPA (flop_counter counts its CPU kernel once modules.module_clip is imported).
+    # SDPA (flop_counter counts its CPU kernel after module_clip.register_cpu_sdpa_flops()).
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     x = state.x + block.attn.project_out(out)
     return x, k.mean(dim=1)
@@ -229,18 +229,21 @@ class TempMeEncoder(nn.Module):
             )
         else:
             self.clip_pos = None
-        self.lora_merged = False
 
     @torch.no_grad()
-    def merge_lora(self, visual: nn.Module) -> None:
-        """Fold the vision LoRA into ``visual``'s qkv weights for inference."""
-        if self.lora is None or self.lora_merged:
-            return
+    def merge_lora(self, visual: nn.Module) -> bool:
+        """Fold the vision LoRA into ``visual``'s qkv weights and drop the adapters (inference).
+
+        Returns whether there was anything to fold. Forward then simply has no adapters.
+        """
+        if self.lora is None:
+            return False
         merge_lora_weights((b.attn for b in visual.transformer.resblocks), self.lora)
-        self.lora_merged = True
+        self.lora = None
+        return True
 
     def _lora(self, layer: int) -> Optional[LoRAQKV]:
-        return None if self.lora is None or self.lora_merged else self.lora[layer]
+        return None if self.lora is None else self.lora[layer]
 
     def _bias(self, state: TokenState, prompts: Optional[PromptInputs], layer: int) -> Optional[torch.Tensor]:
         """Additive key bias (S, 1, 1, T): log token size (proportional attention) + prompt gate."""

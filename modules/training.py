@@ -57,7 +57,6 @@ from modules.data import (
     make_train_loader,
 )
 from modules.metrics import format_metrics, retrieval_metrics
-from modules.module_clip import CLIP
 from modules.tokenization_clip import tokenize_for_model
 from unified_model import (
     ARCHITECTURE_KEYS,
@@ -87,7 +86,6 @@ __all__ = [
     "build_scheduler",
     "capture_rng_state",
     "restore_rng_state",
-    "small_clip_state_dict",
     "small_config_dict",
     "ARCHITECTURE_KEYS",
 ]
@@ -319,28 +317,10 @@ def _seed_everything(seed: int) -> None:
 # ============================================================================ small models
 
 
-def small_clip_state_dict(image_resolution: int = 64, patch_size: int = 16, vision_width: int = 128,
-                          vision_layers: int = 4, text_width: int = 128, text_layers: int = 4,
-                          embed_dim: Optional[int] = None, seed: int = 0) -> Dict[str, torch.Tensor]:
-    """A randomly initialised small CLIP (OpenAI layout) for tests, benchmarks and demos.
-
-    The text tower keeps CLIP's 77-token context and 49408-token vocabulary (the tokenizer
-    emits ids up to 49407). ``embed_dim`` defaults to ``text_width`` (seqTransf's CLIP
-    initialisation needs them equal). The global RNG is left untouched.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIP(embed_dim=embed_dim or text_width, image_resolution=image_resolution, vision_layers=vision_layers,
-                     vision_width=vision_width, vision_patch_size=patch_size, context_length=77, vocab_size=49408,
-                     transformer_width=text_width, transformer_heads=max(1, text_width // 64),
-                     transformer_layers=text_layers)
-    return model.state_dict()
-
-
 def small_config_dict(image_resolution: int = 64, vision_layers: int = 4, max_frames: int = 4, num_segments: int = 8,
                       sim_header: str = "meanP", prompts: bool = True, lora_dim: int = 4,
                       training: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """A config dict matching :func:`small_clip_state_dict`'s CLIP.
+    """A config dict matching the CLIP of ``random_state_dict(small_arch(image_resolution, ...))``.
 
     Frames merge 2-2 (max_frames 4) at the last two vision blocks; ImgMe merges one token
     per frame before that; prompts at reduced width 32.
@@ -357,6 +337,7 @@ def small_config_dict(image_resolution: int = 64, vision_layers: int = 4, max_fr
         "video_size": image_resolution,
         "max_words": 16,
         "clip_weights": "random",
+        "clip_activation": "quick_gelu",  # what module_clip's random CLIP uses, also when saved to a file
         "device": "cpu",
         **({"training": training} if training is not None else {}),
     }

@@ -187,8 +187,8 @@ def normalize_uint8(frames: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
     turns them into the same float tensor bit for bit.
     """
     x = torch.as_tensor(frames).to(torch.float32).div_(255.0)
-    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, dtype=torch.float32).view(3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return x.sub_(mean).div_(std)
 
 

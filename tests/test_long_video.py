@@ -152,7 +152,7 @@ def test_one_window_encodes_like_the_whole_video(model, clip10s):
 
 
 def test_windows_are_encoded_like_short_videos_of_their_frames(model, clip10s):
-    table = encode_long_video(model, clip10s, window_seconds=3.0, batch_windows=2)
+    table = encode_long_video(model, clip10s, window_seconds=3.0, batch_windows=2, parallel_batches=2)
     stream = iter_windows(clip10s, 3.0, num_segments=model.config.num_segments, size=model.config.video_size)
     windows = list(stream)
     assert table.num_windows == len(windows) == 3 and table.complete

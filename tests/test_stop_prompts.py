@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from modules.module_clip import register_cpu_sdpa_flops
 from modules.stop_prompts import (
     FFTConv3d,
     SpatialPromptGenerator,
@@ -15,6 +16,8 @@ from modules.stop_prompts import (
     parse_temporal_prompt,
     straight_through_topk_mask,
 )
+
+register_cpu_sdpa_flops()  # this file counts FLOPs, attention included
 
 
 def _macs(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -271,3 +274,19 @@ def test_spatial_macs(spatial_trained: SpatialPromptGenerator) -> None:
     macs = _macs(spatial_trained, torch.randn(1, 32, 49, 768))
     print(f"\nspatial prompt generator: {macs / 1e9:.3f} GMAC per 32-frame video")
     assert 0.05e9 < macs < 0.5e9  # well under the 1 GMAC target
+
+
+def test_float32_conv3d_is_the_plain_layer_and_stays_float32_under_bf16_autocast():
+    from modules.stop_prompts import Float32Conv3d
+
+    torch.manual_seed(0)
+    conv = Float32Conv3d(1, 3, kernel_size=(3, 5, 5), padding=(1, 2, 2))
+    plain = torch.nn.Conv3d(1, 3, kernel_size=(3, 5, 5), padding=(1, 2, 2))
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 1, 4, 9, 11)
+    assert torch.equal(conv(x), plain(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = conv(x.bfloat16())
+        lowered = plain(x.bfloat16())
+    assert out.dtype == torch.float32 and lowered.dtype == torch.bfloat16
+    assert torch.equal(out, plain(x.bfloat16().float()))

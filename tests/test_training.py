@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from config import ConfigError, from_dict
+from modules.clip_archs import small_arch
+from modules.module_clip import random_state_dict
 from modules.training import (
     Trainer,
     build_optimizer,
@@ -18,7 +20,6 @@ from modules.training import (
     lr_factor,
     plan_phases,
     restore_rng_state,
-    small_clip_state_dict,
     small_config_dict,
     uses_weight_decay,
 )
@@ -30,7 +31,7 @@ SIZE = 32  # 2 x 2 patches of 16 px: the smallest CLIP the config accepts
 
 
 def _clip():
-    return small_clip_state_dict(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=2)
+    return random_state_dict(small_arch(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=2))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def test_contrastive_loss_matches_definition():
 def test_parameter_groups_and_weight_decay(tmp_path, data_dir):
     config = _config(tmp_path, data_dir, sim_header="seqTransf", train_backbone=True, tempme_lr=1e-3)
     # seqTransf copies CLIP text blocks 0-3: this CLIP needs 4 text layers
-    clip_state = small_clip_state_dict(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=4)
+    clip_state = random_state_dict(small_arch(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=4))
     model = UnifiedTempMeSTOPModel(config, clip_state)
     opt = build_optimizer(model, config.training)
     by_group = {}

@@ -10,6 +10,7 @@ before importing torch, so a typo is answered in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -71,6 +72,10 @@ def _usage_error_types() -> tuple:
 
 def run_cli(job: Callable[[], int], interrupted_hint: str = "") -> int:
     """Run ``job`` and turn expected failures into a one-line message and an exit code."""
+    for stream in (sys.stdout, sys.stderr):
+        # a non-UTF-8 file name (a lone surrogate after decoding) prints as \udcXX, never crashes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return job()
     except KeyboardInterrupt:

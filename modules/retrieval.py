@@ -170,6 +170,10 @@ def _item_problem(item: Any) -> Optional[str]:
         value = item.get(key)
         if not isinstance(value, str) or not value.strip():
             return f"missing or empty {key!r}"
+    try:
+        item["query"].encode("utf-8")
+    except UnicodeEncodeError as err:  # e.g. "\ud800" in the batch file: no text to encode
+        return f"query is not valid Unicode text (lone surrogate {item['query'][err.start]!r} at {err.start})"
     k = item.get("top_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         return f"top_k must be a positive integer, got {k!r}"

@@ -10,6 +10,7 @@ before importing torch, so a typo is answered in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -78,6 +79,10 @@ def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], st
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    for stream in (sys.stdout, sys.stderr):
+        # a non-UTF-8 file name (a lone surrogate after decoding) prints as \udcXX, never crashes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with logging_redirect_tqdm():
             return job()

@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from modules.cli_support import (DEFAULT_EXTENSIONS, HelpFormatter, add_logging_arguments, add_model_arguments,
+                                     add_window_arguments,
                                      int_at_least)
 
     parser = argparse.ArgumentParser(
@@ -58,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also write extraction_summary.json: per-video status, error and seconds; totals with videos/s")
     io.add_argument("--save_frame_features", action="store_true",
                     help="also write <name>_frames.npz: the frame features with original frame numbers and timestamps")
+    io.add_argument("--index", action="store_true",
+                    help="also keep the searchable video library in OUTPUT_DIR/library up to date: videos with their "
+                         "moments (search it with inference.py --embeddings_dir OUTPUT_DIR) (default: off)")
     io.add_argument("--overwrite", action="store_true",
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
     add_model_arguments(parser)
+    add_window_arguments(parser)
 
     speed = parser.add_argument_group("speed and scale-out")
     speed.add_argument("--batch_size", type=int_at_least(1), default=None,
@@ -84,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from modules.cli_support import check_config_file, check_dir, run_cli, setup_logging
+    from modules.cli_support import UsageError, check_config_file, check_dir, run_cli, setup_logging
 
     setup_logging(args.verbose, args.quiet)
 
     def job() -> int:
         # cheap checks first: a typo is answered before torch is even imported
         check_dir(args.video_dir, "video directory")
+        if not args.output_dir:
+            raise UsageError("--output_dir is empty")
         check_config_file(args.config_path)
 
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -106,16 +113,39 @@ def main(argv: Optional[List[str]] = None) -> int:
                 parallel_batches=args.parallel_batches,
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
+                writers=_library_writers(args),
+                window_seconds=args.window_seconds, window_stride=args.window_stride,
             )
         _print_result(result, args)
+        if args.index and (result.get("num_shards", 1) == 1 or "global" in result):
+            _print_library(args)
         totals = result.get("global", result)
         return 1 if totals["failed"] else 0
 
     return run_cli(job, interrupted_hint="finished videos are saved; rerun the same command to resume")
 
 
+def _library_writers(args: argparse.Namespace) -> list:
+    """--index: the writer that keeps OUTPUT_DIR/library up to date (refuses another model early)."""
+    if not args.index:
+        return []
+    from modules.library_cli import cli_fingerprint
+    from modules.library_writer import LibraryWriter
+
+    return [LibraryWriter(args.output_dir, cli_fingerprint(args.config_path, args.checkpoint, args.clip_weights))]
+
+
+def _print_library(args: argparse.Namespace) -> None:
+    from modules.library import VideoLibrary
+
+    library = VideoLibrary.open(args.output_dir)
+    print(f"Library {library.root}: {len(library)} videos, {library.num_segments} moments")
+
+
 def _print_result(result: dict, args: argparse.Namespace) -> None:
-    """The CLI's result lines (stdout)."""
+    """The CLI's result lines (stdout): one line per failure, whatever the file names hold."""
+    from modules.errors import printable
+
     prefix = f"[shard {result['shard']}/{result['num_shards']}] " if result.get("num_shards", 1) > 1 else ""
     rate = result["videos_per_second"]
     print(f"{prefix}Embedded {result['processed']} videos, {result['failed']} failed, {result['skipped']} skipped "
@@ -123,7 +153,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           + (f" ({rate:.2f} videos/s)" if rate else "") + f"; outputs in {result['output_dir']}")
     errors = result["errors"]
     for err in errors[:20]:
-        print(f"{prefix}FAILED {err['video_path']}: {err['error']}")
+        print(f"{prefix}FAILED {printable(err['video_path'])}: {printable(err['error'])}")
     if len(errors) > 20:
         print(f"{prefix}... and {len(errors) - 20} more failures" + ("" if args.summary else " (use --summary to list them all)"))
     total = result.get("global")

@@ -29,6 +29,7 @@ use a query encoder (:mod:`modules.library_query`) built on first use and kept.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -41,8 +42,9 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 
 import numpy as np
 
-from modules.cli_support import UsageError
-from modules.library_index import IndexInfo, build_index, read_index, search_index
+from modules.library_files import (MANIFEST, ROW_GROUP_ROWS, SCHEMAS, VIDEO_DEFAULTS, LibraryError, check_matrix, segment_row,
+                                   segment_schema, video_schema, write_manifest, write_shard)
+from modules.library_index import IndexInfo, load_faiss, read_index, search_index
 
 __all__ = ["LIBRARY_DIR", "MANIFEST", "LibraryError", "VideoLibrary", "fingerprint_id", "describe_fingerprint",
            "video_schema", "segment_schema", "library_path"]
@@ -50,65 +52,20 @@ __all__ = ["LIBRARY_DIR", "MANIFEST", "LibraryError", "VideoLibrary", "fingerpri
 logger = logging.getLogger(__name__)
 
 LIBRARY_DIR = "library"
-MANIFEST = "manifest.json"
 FORMAT = "unified-video-library"
 VERSION = 1
-ROW_GROUP_ROWS = 65536
+#: decoded row groups kept per open library (at most 512 x 4096 rows)
+ROW_GROUP_CACHE = 512
 OPEN_SHARD_ROWS = 65536
 MAX_SHARD_ROWS = 1_000_000
 KINDS = ("videos", "segments")
+#: FAISS (OpenMP) threads for searching: one query is too little work to share, and idle
+#: OpenMP threads spin: on a busy 2-core machine 2 threads made a query 7x slower than 1.
+#: The server runs requests side by side instead. None leaves FAISS's setting alone.
+SEARCH_THREADS: Optional[int] = 1
 #: fingerprint keys that do not change what the model computes
 _FINGERPRINT_IGNORED = ("config_path", "embed_dim")
 PathLike = Union[str, os.PathLike]
-
-
-class LibraryError(UsageError):
-    """A library that cannot be opened or updated as asked (exit code 2 in the scripts)."""
-
-
-def video_schema():
-    """One row per video."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("name", pa.string()),          # output name (unique in the library)
-        ("video_path", pa.string()),    # absolute path
-        ("given_path", pa.string()),    # the path as listed / given
-        ("size", pa.int64()),           # bytes, -1 unknown
-        ("mtime", pa.float64()),        # seconds since the epoch, NaN unknown
-        ("duration", pa.float64()),     # seconds
-        ("fps", pa.float64()),
-        ("num_frames", pa.int64()),
-        ("status", pa.string()),        # "success" (rows are written for embedded videos)
-        ("fingerprint", pa.string()),   # fingerprint_id of the model
-    ])
-
-
-def segment_schema():
-    """One row per frame group; a long video's windows are segments with window_* set."""
-    import pyarrow as pa
-
-    return pa.schema([
-        ("video_row", pa.int64()),       # row of the video in the videos table
-        ("window_index", pa.int32()),    # 0 for a video embedded in one pass
-        ("window_start", pa.float64()),  # seconds; the whole video: 0 .. duration
-        ("window_end", pa.float64()),
-        ("group_index", pa.int32()),     # frame group within the window
-        ("start_time", pa.float64()),    # seconds the group covers
-        ("end_time", pa.float64()),
-        ("frame", pa.int64()),           # representative frame (original frame number)
-        ("timestamp", pa.float64()),     # its presentation time, seconds
-        ("start_frame", pa.int64()),
-        ("end_frame", pa.int64()),
-        ("members", pa.list_(pa.int64())),  # original frame numbers of the group's frames
-    ])
-
-
-_SCHEMAS = {"videos": video_schema, "segments": segment_schema}
-_VIDEO_DEFAULTS = {"given_path": None, "size": -1, "mtime": float("nan"), "duration": float("nan"),
-                   "fps": float("nan"), "num_frames": -1, "status": "success"}
-_SEGMENT_DEFAULTS = {"window_index": 0, "window_start": float("nan"), "window_end": float("nan"),
-                     "timestamp": float("nan"), "start_frame": -1, "end_frame": -1, "members": []}
 
 
 def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
@@ -161,8 +118,10 @@ class VideoLibrary:
     give the whole videos table; :meth:`embeddings` the (N, D) matrix memory-mapped.
     """
 
-    def __init__(self, root: str, manifest: Dict[str, Any], encoder_factory: Optional[Callable[[Dict[str, Any]], Any]] = None):
+    def __init__(self, root: str, manifest: Dict[str, Any], encoder_factory: Optional[Callable[[Dict[str, Any]], Any]] = None,
+                 search_threads: Optional[int] = SEARCH_THREADS):
         self.root = root
+        self.search_threads = search_threads
         self._manifest = manifest
         self.fingerprint: Dict[str, Any] = dict(manifest["fingerprint"])
         self.fingerprint_id: str = manifest["fingerprint_id"]
@@ -173,6 +132,7 @@ class VideoLibrary:
         self._encoder = None
         self._indexes: Dict[Tuple[str, int], Any] = {}
         self._parquet: Dict[Tuple[str, int], Any] = {}
+        self._groups: "collections.OrderedDict[Tuple[str, int, int], Any]" = collections.OrderedDict()
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -210,7 +170,7 @@ class VideoLibrary:
         manifest = {"format": FORMAT, "version": VERSION, "generation": 0, "dim": int(dim),
                     "fingerprint": dict(fingerprint), "fingerprint_id": fingerprint_id(fingerprint),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"), "videos": [], "segments": [], "removed_videos": []}
-        _write_manifest(root, manifest)
+        write_manifest(root, manifest)
         return cls(root, manifest, encoder_factory)
 
     @classmethod
@@ -256,7 +216,7 @@ class VideoLibrary:
             parts.append(t.add_column(0, "row", pa.array(np.arange(offset, offset + shard.rows, dtype=np.int64))))
             offset += shard.rows
         if not parts:
-            return _SCHEMAS[kind]().empty_table().add_column(0, "row", pa.array([], pa.int64()))
+            return SCHEMAS[kind]().empty_table().add_column(0, "row", pa.array([], pa.int64()))
         table = pa.concat_tables(parts)
         if self.removed and not include_removed:
             column = "row" if kind == "videos" else "video_row"
@@ -291,8 +251,6 @@ class VideoLibrary:
 
     def rows(self, kind: str, rows: Sequence[int]) -> List[Dict[str, Any]]:
         """The given global rows of a table as dicts, read by row group (no full table load)."""
-        import pyarrow.parquet as pq
-
         out: Dict[int, Dict[str, Any]] = {}
         starts = np.cumsum([0] + [s.rows for s in self.shards[kind]])
         wanted: Dict[Tuple[int, int], List[int]] = {}
@@ -301,19 +259,36 @@ class VideoLibrary:
             local = int(row - starts[shard])
             wanted.setdefault((shard, local // ROW_GROUP_ROWS), []).append(int(row))
         for (shard, group), members in wanted.items():
-            key = (kind, shard)
-            if key not in self._parquet:
-                self._parquet[key] = pq.ParquetFile(self.shards[kind][shard].file(self.root, "parquet"), memory_map=True)
-            table = self._parquet[key].read_row_group(group)
+            table = self._row_group(kind, shard, group)
             base = starts[shard] + group * ROW_GROUP_ROWS
             picked = table.take([r - base for r in members]).to_pylist()
             out.update(zip(members, picked))
         return [{"row": int(r), **out[int(r)]} for r in rows]
 
+    def _row_group(self, kind: str, shard: int, group: int):
+        """One decoded row group, from a small LRU (warm searches read no Parquet)."""
+        import pyarrow.parquet as pq
+
+        key = (kind, shard, group)
+        table = self._groups.get(key)
+        if table is None:
+            if (kind, shard) not in self._parquet:
+                self._parquet[(kind, shard)] = pq.ParquetFile(self.shards[kind][shard].file(self.root, "parquet"),
+                                                             memory_map=True)
+            table = self._parquet[(kind, shard)].read_row_group(group)
+            self._groups[key] = table
+            if len(self._groups) > ROW_GROUP_CACHE:
+                self._groups.popitem(last=False)
+        else:
+            self._groups.move_to_end(key)
+        return table
+
     # ------------------------------------------------------------------ search
     def _index(self, kind: str, i: int):
         key = (kind, i)
         if key not in self._indexes:
+            if self.search_threads is not None:
+                load_faiss().omp_set_num_threads(self.search_threads)
             shard = self.shards[kind][i]
             self._indexes[key] = read_index(shard.file(self.root, "faiss"), shard.index)
         return self._indexes[key]
@@ -436,8 +411,8 @@ class VideoLibrary:
         """
         if fingerprint is not None:
             self.check_fingerprint(fingerprint)
-        embeddings = _check_matrix(embeddings, len(videos), self.dim, "embeddings")
-        segment_features = _check_matrix(segment_features if segment_features is not None else
+        embeddings = check_matrix(embeddings, len(videos), self.dim, "embeddings")
+        segment_features = check_matrix(segment_features if segment_features is not None else
                                          np.zeros((0, self.dim), np.float32), len(segments), self.dim, "segment_features")
         names = [str(v["name"]) for v in videos]
         if len(set(names)) != len(names):
@@ -453,7 +428,7 @@ class VideoLibrary:
                 index = int(s["video"])
                 if not 0 <= index < len(videos):
                     raise LibraryError(f"segment refers to video {index}, but {len(videos)} videos are added")
-                segment_rows.append(_segment_row(s, first_row + index))
+                segment_rows.append(segment_row(s, first_row + index))
             manifest = json.loads(json.dumps(self._manifest))
             generation = int(manifest["generation"]) + 1
             manifest["generation"] = generation
@@ -462,7 +437,7 @@ class VideoLibrary:
             rewritten += self._append(manifest, "segments", segment_rows, segment_features, generation)
             manifest["removed_videos"] = sorted(self.removed | set(existing.values()))
             manifest["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            _write_manifest(self.root, manifest)
+            write_manifest(self.root, manifest)
             self._reload(manifest)
             self._remove_unlisted()
         return {"videos": len(videos), "segments": len(segments), "replaced": len(existing), "rewritten_rows": rewritten}
@@ -488,7 +463,7 @@ class VideoLibrary:
         return {n: r for n, r in self.names().items() if n in names} if names else {}
 
     def _video_row(self, video: Mapping[str, Any]) -> Dict[str, Any]:
-        row = {**_VIDEO_DEFAULTS, **{k: video[k] for k in video if k in video_schema().names}}
+        row = {**VIDEO_DEFAULTS, **{k: video[k] for k in video if k in video_schema().names}}
         for key in ("name", "video_path"):
             if not isinstance(row.get(key), str) or not row[key]:
                 raise LibraryError(f"add(): every video needs a non-empty {key!r}")
@@ -518,7 +493,7 @@ class VideoLibrary:
         for number, start in enumerate(range(0, len(all_rows), MAX_SHARD_ROWS)):
             stem = f"{kind}-g{generation:06d}-s{len(shards):05d}"
             part = slice(start, start + MAX_SHARD_ROWS)
-            info = _write_shard(self.root, stem, kind, all_rows[part], all_matrix[part])
+            info = write_shard(self.root, stem, kind, all_rows[part], all_matrix[part])
             shards.append(_Shard(kind, len(all_rows[part]), stem, info).to_dict())
         return rewritten
 
@@ -539,50 +514,3 @@ class VideoLibrary:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _check_matrix(matrix: np.ndarray, rows: int, dim: int, what: str) -> np.ndarray:
-    matrix = np.asarray(matrix, dtype=np.float32)
-    if matrix.ndim != 2 or matrix.shape != (rows, dim):
-        raise LibraryError(f"add(): {what} must have shape ({rows}, {dim}), got {matrix.shape}")
-    if not np.isfinite(matrix).all():
-        raise LibraryError(f"add(): {what} contain non-finite values")
-    return matrix
-
-
-def _segment_row(segment: Mapping[str, Any], video_row: int) -> Dict[str, Any]:
-    row = {**_SEGMENT_DEFAULTS, **{k: segment[k] for k in segment if k in segment_schema().names}}
-    for key in ("group_index", "start_time", "end_time", "frame"):
-        if key not in segment:
-            raise LibraryError(f"add(): every segment needs {key!r}")
-    row["video_row"] = video_row
-    row["members"] = [int(m) for m in row["members"]]
-    return row
-
-
-def _write_shard(root: str, stem: str, kind: str, rows: List[Dict[str, Any]], matrix: np.ndarray) -> IndexInfo:
-    """The three files of one shard, each written to a temporary name and renamed."""
-    import faiss
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from modules.atomic_io import atomic_write
-
-    table = pa.Table.from_pylist(rows, schema=_SCHEMAS[kind]())
-    atomic_write(os.path.join(root, f"{stem}.parquet"), lambda fh: pq.write_table(table, fh, row_group_size=ROW_GROUP_ROWS))
-    atomic_write(os.path.join(root, f"{stem}.npy"),
-                 lambda fh: np.save(fh, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False))
-    index, info = build_index(matrix)
-    atomic_write(os.path.join(root, f"{stem}.faiss"), lambda fh: faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write)))
-    return info
-
-
-def _write_manifest(root: str, manifest: Dict[str, Any]) -> None:
-    from modules.atomic_io import atomic_write
-
-    def write(fh) -> None:
-        json.dump(manifest, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())  # the shard files it lists are complete before it becomes visible
-
-    atomic_write(os.path.join(root, MANIFEST), write, mode="w")

@@ -3,7 +3,9 @@
 A shard's matrix (N, D) float32 of unit vectors gets:
 
 - ``IndexFlatIP`` (exact inner product) when ``N <= EXACT_MAX_ROWS``: one query scans
-  N x D floats (at 131072 x 512, 256 MiB, about 10-20 ms on two cores);
+  N x D floats (32768 x 512 = 64 MiB). A flat scan of 100k rows measured 82 ms per query
+  in benchmarks/bench_search.py on the busy 2-core machine, too slow for the 20 ms target:
+  beyond 32768 rows the IVF index answers;
 - ``IndexIVFFlat`` (inner product, ``nlist`` k-means cells) beyond it. ``nprobe`` is chosen
   at build time: the smallest power of two whose recall@10 against exact search, on
   ``CALIBRATION_QUERIES`` queries made from the shard's own rows plus noise, reaches
@@ -24,10 +26,10 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 __all__ = ["EXACT_MAX_ROWS", "TARGET_RECALL", "IndexInfo", "build_index", "read_index", "search_index",
-           "recall_at_k", "exact_top_k"]
+           "recall_at_k", "exact_top_k", "load_faiss"]
 
 #: largest shard searched exactly (IndexFlatIP); larger shards get an IVF index
-EXACT_MAX_ROWS = 131072
+EXACT_MAX_ROWS = 32768
 #: recall@10 against exact search that the IVF nprobe calibration aims for
 TARGET_RECALL = 0.97
 CALIBRATION_QUERIES = 200
@@ -54,7 +56,10 @@ class IndexInfo:
                    data.get("calibrated_recall"))
 
 
-def _faiss():
+def load_faiss():
+    import logging
+
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it logs two INFO lines on import
     import faiss
 
     return faiss
@@ -103,7 +108,7 @@ def build_index(matrix: np.ndarray, exact_max_rows: Optional[int] = None, seed: 
 
     ``exact_max_rows``: largest matrix indexed exactly (default: ``EXACT_MAX_ROWS``).
     """
-    faiss = _faiss()
+    faiss = load_faiss()
     rows, dim = matrix.shape
     exact_max_rows = EXACT_MAX_ROWS if exact_max_rows is None else exact_max_rows
     if rows <= exact_max_rows:
@@ -111,6 +116,17 @@ def build_index(matrix: np.ndarray, exact_max_rows: Optional[int] = None, seed: 
         if rows:
             index.add(np.ascontiguousarray(matrix, dtype=np.float32))
         return index, IndexInfo("flat")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(os.cpu_count() or 1)  # building is big work: every core (searching uses one)
+    try:
+        return _build_ivf(matrix, seed)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _build_ivf(matrix: np.ndarray, seed: int):
+    faiss = load_faiss()
+    rows, dim = matrix.shape
     rng = np.random.default_rng(seed)
     nlist = _nlist_for(rows)
     quantizer = faiss.IndexFlatIP(dim)
@@ -138,7 +154,7 @@ def build_index(matrix: np.ndarray, exact_max_rows: Optional[int] = None, seed: 
 
 def read_index(path: str, info: IndexInfo):
     """The shard index, memory-mapped, with the manifest's nprobe applied."""
-    faiss = _faiss()
+    faiss = load_faiss()
     flag = faiss.IO_FLAG_MMAP if info.kind == "ivf" else faiss.IO_FLAG_MMAP_IFC
     index = faiss.read_index(os.fspath(path), flag | faiss.IO_FLAG_READ_ONLY)
     if info.kind == "ivf":

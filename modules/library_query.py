@@ -80,5 +80,5 @@ def encoder_for(fingerprint: Mapping[str, Any], device: str = "auto") -> ModelQu
     if not config_dict:
         raise UsageError("the library records no model config; pass --config_path / --checkpoint / --clip_weights")
     model = create_unified_model(config=from_dict(config_dict), checkpoint=fingerprint.get("checkpoint"),
-                                 clip_weights=fingerprint.get("clip_weights"), device=device)
+                                 clip_weights=fingerprint.get("clip_weights"), device=device, merge_lora=True)
     return ModelQueryEncoder(model)

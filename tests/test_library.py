@@ -105,7 +105,7 @@ def test_interrupted_update_leaves_previous_library(tmp_path, monkeypatch):
     def crash(root, manifest):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(library_module, "_write_manifest", crash)
+    monkeypatch.setattr(library_module, "write_manifest", crash)
     with pytest.raises(KeyboardInterrupt):
         lib.add(videos(5, 5), unit(5, 11), fingerprint=FP)
     monkeypatch.undo()

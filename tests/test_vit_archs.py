@@ -35,7 +35,7 @@ ARCHS = ["ViT-B/16", pytest.param("ViT-L/14", marks=pytest.mark.skipif(
 def _config(arch: str, training=None):
     schedule = dict(DEFAULT_MERGE_SCHEDULES[arch], merge_frame_num="1-1-2")
     data = {"tempme": {"base_encoder": arch, **schedule}, "stop": {"pretrained_clip_name": arch},
-            "max_frames": 2, "num_segments": 4, "max_words": 16, "clip_weights": "random", "device": "cpu"}
+            "max_frames": 2, "num_segments": 2, "max_words": 16, "clip_weights": "random", "device": "cpu"}
     if training is not None:
         data["training"] = training
     return from_dict(data)

@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from modules.cli_support import (DEFAULT_EXTENSIONS, HelpFormatter, add_logging_arguments, add_model_arguments,
+                                     add_window_arguments,
                                      int_at_least)
 
     parser = argparse.ArgumentParser(
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
     add_model_arguments(parser)
+    add_window_arguments(parser)
 
     speed = parser.add_argument_group("speed and scale-out")
     speed.add_argument("--batch_size", type=int_at_least(1), default=None,
@@ -112,6 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
                 writers=_library_writers(args),
+                window_seconds=args.window_seconds, window_stride=args.window_stride,
             )
         _print_result(result, args)
         if args.index and (result.get("num_shards", 1) == 1 or "global" in result):

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ConfigError, UnifiedModelConfig, from_dict, from_json
+from config import ConfigError, UnifiedModelConfig, effective_precision, from_dict, from_json
 from modules.atomic_io import atomic_write
 from modules.frame_compression import compress_frames
 from modules.heads import build_head
@@ -37,7 +37,7 @@ from modules.clip_weights import (TEMPME_PREFIX, ClipWeights, WeightsError, chec
                                   first_non_finite, resolve_clip_weights)
 from modules.module_clip import build_model
 from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
-from modules.tempme_encoder import MergeSchedule, PromptInputs, TempMeEncoder
+from modules.tempme_encoder import PromptInputs, TempMeEncoder
 from modules.tokenization_clip import tokenize_for_model
 from modules.video_sampler import SampledVideo, sample_video
 
@@ -175,11 +175,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
         depth = len(visual.transformer.resblocks)
         grid = visual.grid_size
         lora_dim = config.tempme.lora_dim
-        schedule = MergeSchedule.from_config(config.tempme)
-        try:
-            self.tempme = TempMeEncoder(width, depth, config.max_frames, schedule, lora_dim)
-        except ValueError as err:
-            raise ConfigError("tempme.merge_layer", str(err)) from None
+        self.tempme = TempMeEncoder(width, depth, config.max_frames, config.tempme.schedule, lora_dim)
         text_width = self.clip.ln_final.weight.shape[0]
         text_depth = len(self.clip.transformer.resblocks)
         self.text_lora = (
@@ -520,11 +516,13 @@ class GroupSpans:
 def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarray, torch.Tensor],
                 sampled: SampledVideo) -> GroupSpans:
     """The one rule from frame groups (positions 0..N-1 in the sampled frame list) to original
-    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration."""
+    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration
+    (and num_frames: a one-frame video is one instant, so its groups span 0 s)."""
     indices = np.asarray(sampled.frame_indices, dtype=np.int64)
     times = np.asarray(sampled.timestamps, dtype=np.float64)
     reps = np.asarray(representatives, dtype=np.int64)
-    spans = [group_time_span(g, float(sampled.duration), len(indices)) for g in groups]
+    duration = 0.0 if getattr(sampled, "num_frames", None) == 1 else float(sampled.duration)
+    spans = [group_time_span(g, duration, len(indices)) for g in groups]
     return GroupSpans(
         frames=indices[reps],
         timestamps=times[reps],
@@ -690,6 +688,7 @@ def create_unified_model(
     clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
     merge_lora: bool = False,
     architecture_hint: str = _OWN_CONFIG_HINT,
+    force_precision: bool = False,
 ) -> UnifiedTempMeSTOPModel:
     """Build a ready-to-use model in eval mode: the one door into the model.
 
@@ -703,13 +702,19 @@ def create_unified_model(
     clip_state_dict: CLIP weights already in memory (instead of loading config.clip_weights).
     merge_lora: fold LoRA into the CLIP weights (inference: same outputs, less compute).
     architecture_hint: what a config/checkpoint architecture mismatch message adds.
+    force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a
+        warning, see :func:`config.effective_precision`).
     Raises ConfigError / WeightsError / CheckpointError / DeviceError (one line each).
     """
     if spec is None:
         spec = load_model_spec(config_path, checkpoint, clip_weights, config, architecture_hint=architecture_hint)
     target = resolve_model_device(device, spec.config)
+    config = spec.config
+    precision = effective_precision(config.precision, target.type, force=force_precision)
+    if precision != config.precision:
+        config = dataclasses.replace(config, precision=precision)  # the caller's config stays as it was
     identity = None if clip_state_dict is not None else spec_fingerprint(spec)["weights"]
-    model = UnifiedTempMeSTOPModel(spec.config, clip_state_dict if clip_state_dict is not None else spec.clip,
+    model = UnifiedTempMeSTOPModel(config, clip_state_dict if clip_state_dict is not None else spec.clip,
                                    weights_identity=identity)
     if spec.payload is not None:
         model.load_trainable_state(spec.payload["trainable"], source=spec.checkpoint)

@@ -76,12 +76,14 @@ class ExtractionOptions:
     progress: bool = True
     merge_lora: bool = True
     writers: Sequence[Writer] = ()
+    window_seconds: Optional[float] = None
+    window_stride: Optional[float] = None
 
     def check(self) -> None:
         """UsageError for an option out of range."""
         if self.save_format not in SAVE_FORMATS:
             raise UsageError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
-        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1)):
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1), ("window_seconds", 0)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise UsageError(f"{key} must be >= {low}, got {value}")
@@ -135,6 +137,8 @@ def extract_directory_embeddings(
     progress: bool = True,
     merge_lora: bool = True,
     writers: Sequence[Writer] = (),
+    window_seconds: Optional[float] = None,
+    window_stride: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Embed every video in ``video_dir``; write one file set per video into ``output_dir``.
 
@@ -154,6 +158,10 @@ def extract_directory_embeddings(
     (restored on return). overwrite: recompute finished videos (default: resume).
     shard, num_shards: process one share without torchrun. progress: a tqdm bar.
     merge_lora: fold LoRA into the weights of a model built here (same outputs, faster).
+    window_seconds, window_stride: override the config's keys of the same names (long
+    videos as a timeline of windows, ``modules.long_video``; None: the config's, whose
+    default windows only videos over 10 minutes); a windowed video also gets
+    ``<name>_windows.npz`` (the window table) and its embedding is the size-weighted mean.
 
     Returns dict with processed, failed, skipped, total (this process's share), errors
     ([{video_path, error}]), elapsed_seconds, videos_per_second, output_dir, shard,
@@ -185,6 +193,17 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     model = options.model
     spec = None if model is not None else load_model_spec(options.config_path, options.checkpoint, options.clip_weights)
     config = model.config if model is not None else spec.config
+    if options.window_seconds is not None or options.window_stride is not None:
+        import dataclasses
+
+        from config import ConfigError
+
+        try:
+            config = dataclasses.replace(
+                config, window_seconds=config.window_seconds if options.window_seconds is None else options.window_seconds,
+                window_stride=options.window_stride)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
     env = init_distributed(model.device if model is not None else options.device, config, shard=options.shard,
                            num_shards=options.num_shards, timeout=_DIST_TIMEOUT, share_cpu_threads=True)
     if not entries:
@@ -278,7 +297,7 @@ def run_extraction(plan: ExtractionPlan):
             # are forked before any helper thread (tqdm's monitor, forward lanes) exists
             stream = decode_stream([e.path for e in plan.pending], plan.config, plan.workers,
                                    max_in_flight=(plan.batch_size or MAX_DEVICE_BATCH) * plan.lanes
-                                   + 2 * max(1, plan.workers))
+                                   + 2 * max(1, plan.workers), windows=True)
             if model is None:
                 model = create_unified_model(spec=plan.spec, device=env.device, merge_lora=options.merge_lora)
             if plan.batch_size is None:  # CUDA: the batch free device memory holds
@@ -294,7 +313,7 @@ def run_extraction(plan: ExtractionPlan):
                                       frames_of=lambda item: item[1].video.frames)
             else:
                 forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
-            _encode_stream(plan, stream, forwards, tally)
+            _encode_stream(plan, stream, forwards, tally, model)
             if isinstance(forwards, DeviceLane):
                 plan.settings["model_wait_share"] = round(forwards.wait_share, 4)
     finally:
@@ -307,7 +326,10 @@ def run_extraction(plan: ExtractionPlan):
     return model
 
 
-def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally) -> None:
+def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally,
+                   model) -> None:
+    from modules.long_video import encode_windowed_result
+
     by_path = {e.path: e for e in plan.pending}
     batch: List[Tuple[VideoEntry, DecodedVideo]] = []
     with lane_threads(plan.lanes):
@@ -315,6 +337,9 @@ def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, D
             entry = by_path[path]
             if not decoded.ok:
                 tally.record(VideoResult.of(entry, "failed", decoded.error, decoded.seconds))
+                continue
+            if decoded.window is not None:  # a long video: decoded here, window by window
+                tally.write(encode_windowed_result(model, entry, decoded.window, plan.lanes))
                 continue
             batch.append((entry, decoded))
             if len(batch) >= plan.batch_size:

@@ -24,7 +24,8 @@ import torch
 
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
-from modules.forward_lanes import model_error
+from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
+from modules.json_input import JSONInputError, read_json_file
 from modules.video_sampler import normalize_uint8
 from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY, read_embedding_file, read_meta
 
@@ -40,6 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RULE = "=" * 50
+#: queries per text forward in batch retrieval: activation memory stays flat however many
+#: queries ask about one video (one forward of 10k queries peaked at 12.4 GB)
+TEXT_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- batch retrieval
@@ -124,7 +128,8 @@ def batch_retrieve_events(
             try:
                 with torch.inference_mode():
                     features = model.encode_videos(normalize_uint8(decoded.frames).unsqueeze(0))
-                    texts = model.encode_text([str(video_queries[i]["query"]) for i in indices])
+                    texts = torch.cat([model.encode_text([str(video_queries[i]["query"]) for i in chunk])
+                                       for chunk in _chunks(indices, TEXT_CHUNK)])
                     scores = texts @ features.frame_features[0].T  # (Q, F)
             except Exception as err:  # noqa: BLE001 - one bad video must not stop the batch
                 message = model_error(err)
@@ -134,7 +139,12 @@ def batch_retrieve_events(
                 continue
             shared = (decoded.seconds + time.perf_counter() - start) / len(indices)
             reps = features.representatives[0].cpu()
+            bad = (degenerate_rows(texts) | ~torch.isfinite(scores).all(dim=1).numpy()
+                   | degenerate_rows(features.video_embeddings).any())
             for row, i in enumerate(indices):
+                if bad[row]:  # NaN scores (or a zero text vector) are no ranking: never a result
+                    results[i].update(status="error", error=f"{path}: {NON_FINITE_ERROR}")
+                    continue
                 t0 = time.perf_counter()
                 k = video_queries[i].get("top_k", default_k)
                 hits = rank_hits(scores[row].cpu(), features.groups[0], reps, decoded.video, k)
@@ -151,13 +161,23 @@ def batch_retrieve_events(
     return results
 
 
+def _chunks(items: Sequence[int], size: int) -> List[Sequence[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def _item_problem(item: Any) -> Optional[str]:
     if not isinstance(item, dict):
         return f"expected an object with video_path and query, got {type(item).__name__}"
     for key in ("video_path", "query"):
         value = item.get(key)
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            return f"{key!r} must be a string, got {type(value).__name__} {value!r}"
+        if value is None or not value.strip():
             return f"missing or empty {key!r}"
+    try:
+        item["query"].encode("utf-8")
+    except UnicodeEncodeError as err:  # e.g. "\ud800" in the batch file: no text to encode
+        return f"query is not valid Unicode text (lone surrogate {item['query'][err.start]!r} at {err.start})"
     k = item.get("top_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         return f"top_k must be a positive integer, got {k!r}"
@@ -165,17 +185,13 @@ def _item_problem(item: Any) -> Optional[str]:
 
 
 def load_batch_file(path: Union[str, os.PathLike]) -> List[Any]:
-    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]})."""
+    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]}),
+    read as hostile data (``modules.json_input``); problems are one-line UsageErrors."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"batch file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read batch file ({err})") from None
+        data = read_json_file(path, "batch file")
+    except JSONInputError as err:
+        raise UsageError(str(err)) from None
     if isinstance(data, dict) and isinstance(data.get("queries"), list):
         data = data["queries"]
     if not isinstance(data, list):
@@ -295,13 +311,21 @@ def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str
         raise UsageError(f"top_k must be >= 1, got {k}")
     with torch.inference_mode():
         text = model.encode_text([query])[0].float().cpu().numpy()
+    if degenerate_rows(text[None]).any():
+        raise UsageError(f"the text embedding of {query!r} is non-finite (NaN or inf) or zero: the model's "
+                         "checkpoint or weights hold non-finite or huge numbers")
     if matrix.shape[1] != text.shape[0]:
         raise UsageError(f"{embeddings_dir}: embeddings have {matrix.shape[1]} dimensions, "
                          f"the model's text embeddings {text.shape[0]}: extracted with another model")
     _check_same_model(info, model, embeddings_dir)
     norms = np.linalg.norm(matrix, axis=1)
     scores = (matrix @ text) / np.maximum(norms, 1e-12)
-    order = np.argsort(-scores, kind="stable")[:k]
+    finite = np.isfinite(scores)
+    if not finite.all():
+        logger.warning("%s: %d videos with non-finite embeddings left out of the ranking (re-extract them)",
+                       embeddings_dir, int((~finite).sum()))
+    ranked = np.flatnonzero(finite)
+    order = ranked[np.argsort(-scores[ranked], kind="stable")][:k]
     return {
         "query": query,
         "embeddings_dir": os.fspath(embeddings_dir),
@@ -346,8 +370,12 @@ def _check_same_model(info: Dict[str, Any], model, embeddings_dir) -> None:
 # ----------------------------------------------------------------------------- reports
 
 
-def format_inference_block(result: Dict[str, Any]) -> str:
-    """The INFERENCE RESULTS report of one (video, query) result."""
+def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) -> str:
+    """The INFERENCE RESULTS report of one (video, query) result.
+
+    top_k: the number of frames asked for; when the video has fewer frame groups the
+    report says that only those exist.
+    """
     lines = [
         "",
         "INFERENCE RESULTS",
@@ -360,7 +388,9 @@ def format_inference_block(result: Dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         f"Relevant frames: {result['frames']}",
-        f"Number of frames: {len(result['frames'])}",
+        f"Number of frames: {len(result['frames'])}" + (
+            f" (only {len(result['frames'])} frame groups exist; {top_k} asked for)"
+            if top_k is not None and len(result["frames"]) < top_k else ""),
         f"Inference time: {result['inference_time']:.2f}s",
         "Time spans (best first):",
     ]
@@ -369,6 +399,8 @@ def format_inference_block(result: Dict[str, Any]) -> str:
             f"  {rank}. frame {seg['frame']} at {seg['timestamp']:.2f}s: "
             f"{seg['start_time']:.2f}s-{seg['end_time']:.2f}s (frames {seg['start_frame']}-{seg['end_frame']}), "
             f"score {seg['score']:.4f}"
+            + (f" [window {seg['window']}: {seg['window_start']:.1f}s-{seg['window_end']:.1f}s, group {seg['group']}]"
+               if "window" in seg else "")
         )
     return "\n".join(lines)
 

@@ -33,7 +33,8 @@ writer. Fields (all but name/video_path/status optional, so adding one breaks no
 (unified_model.group_spans); ``<name>_frames.npz`` is built from it only when written.
 
 :class:`OutputFilesWriter` is the writer behind the script's outputs: per video
-``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz``; per folder
+``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz`` (and ``<name>_windows.npz``, the window
+table of a long video encoded by windows, ``modules.long_video``); per folder
 ``consolidated_embeddings.json`` + ``embeddings.npy`` + ``embeddings_index.json``
 (``--consolidated``) and ``extraction_summary.json`` (``--summary``).
 """
@@ -69,8 +70,10 @@ CONSOLIDATED_INDEX = "embeddings_index.json"
 SUMMARY_JSON = "extraction_summary.json"
 #: a video's record of where its outputs came from: ``.<base>.meta.json`` beside them
 META_SUFFIX = ".meta.json"
+#: a long video's window table (modules.long_video.WINDOWS_SUFFIX: that module imports torch)
+WINDOWS_SUFFIX = "_windows.npz"
 #: endings of every file this writer makes (what stale-temp cleanup may remove temps of)
-OWN_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", META_SUFFIX, CONSOLIDATED_JSON,
+OWN_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", WINDOWS_SUFFIX, META_SUFFIX, CONSOLIDATED_JSON,
                 CONSOLIDATED_NPY, CONSOLIDATED_INDEX, SUMMARY_JSON)
 
 
@@ -272,6 +275,10 @@ class OutputFilesWriter(Writer):
     def files(self, name: str) -> Dict[str, str]:
         return output_files(self.output_dir, name, self.save_format, self.save_frame_features)
 
+    def windows_path(self, name: str) -> str:
+        """A long video's window table (only videos cut into windows have one)."""
+        return os.path.join(self.output_dir, *name.split("/")) + WINDOWS_SUFFIX
+
     def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
         self.model_fingerprint = fingerprint
 
@@ -320,7 +327,8 @@ class OutputFilesWriter(Writer):
 
     def discard(self, name: str) -> None:
         """Remove a video's outputs (its record first: files without one are never trusted)."""
-        paths = [meta_path(self.output_dir, name), *output_files(self.output_dir, name, "both", True).values()]
+        paths = [meta_path(self.output_dir, name), *output_files(self.output_dir, name, "both", True).values(),
+                 self.windows_path(name)]
         for path in paths:
             with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                 os.remove(path)
@@ -331,6 +339,13 @@ class OutputFilesWriter(Writer):
         record = meta_path(self.output_dir, result.name)
         with contextlib.suppress(FileNotFoundError):
             os.remove(record)  # outputs being replaced are untrusted until the new record is in
+        table = result.extra.get("windows")  # a long video's window table (modules.long_video)
+        if table is not None:
+            from modules.long_video import frames_payload_from_table
+
+            save_npz_atomic(self.windows_path(result.name), **table.to_arrays())
+            if "frames" in files:
+                save_npz_atomic(files["frames"], **frames_payload_from_table(table))
         if "frames" in files and result.group_features is not None:
             save_npz_atomic(files["frames"], **frames_payload(result))
         embedding = result.embedding

@@ -143,10 +143,14 @@ def _write_hostile_dir(folder: Path) -> tuple[set, dict]:
         "rotated.mp4": _clip(folder / "rotated.mp4", 6, size=(48, 32), rotate=90),
         "vidéo à espaces ✓.mp4": _clip(folder / "vidéo à espaces ✓.mp4", 6),
     }
+    # non-UTF-8 names (Latin-1 bytes; two that differ only by case): embedded, JSON escapes them
+    for raw in (b"caf\xe9.mp4", b"CAF\xe9.mp4"):
+        good[os.fsdecode(raw)] = shutil.copy(good["vfr.mp4"], folder / os.fsdecode(raw))
     (folder / "zero_bytes.mp4").touch()
     source = _clip(folder.parent / "source.mp4", 30)
     write_truncated(source, folder / "truncated.mp4", keep_fraction=0.4)
     write_text_file(folder / "notes.mp4")
+    write_text_file(folder / os.fsdecode(b"bad\xff.mp4"))
     write_audio_only(folder / "audio_only.mp4", seconds=0.5)
     os.symlink("does_not_exist.mp4", folder / "broken_link.mp4")
     os.mkfifo(folder / "pipe.mp4")  # opening it would block forever: must be detected
@@ -155,6 +159,7 @@ def _write_hostile_dir(folder: Path) -> tuple[set, dict]:
         "zero_bytes.mp4": "empty file",
         "truncated.mp4": "truncated",
         "notes.mp4": "not a readable video",
+        os.fsdecode(b"bad\xff.mp4"): "not a readable video",
         "audio_only.mp4": "no video stream",
         "broken_link.mp4": "broken symbolic link",
         "pipe.mp4": "FIFO",
@@ -200,13 +205,18 @@ def test_hostile_directory(tmp_path, config):
     for name in good:
         assert status[name]["status"] == "success", status[name]
         stem = name[: -len(".mp4")]
-        assert np.load(out / f"{stem}_embedding.npy").shape == (512,)
+        if "\udce9" not in stem:  # the two non-UTF-8 names differ only by case: both get hashed names
+            assert np.load(out / f"{stem}_embedding.npy").shape == (512,)
+    assert len(list(out.glob("*_embedding.npy"))) == len(good)
+    for json_file in out.glob("*.json"):
+        json_file.read_bytes().decode("utf-8")  # valid UTF-8: the odd bytes are escaped
     for name, words in bad.items():
         assert status[name]["status"] == "failed", status[name]
         reason = status[name]["error"]
         assert words.lower() in reason.lower(), (name, reason)
         assert "\n" not in reason
-        assert f"FAILED {videos / name}: {reason}" in proc.stdout
+        shown = os.fspath(videos / name).encode("utf-8", "backslashreplace").decode()
+        assert f"FAILED {shown}: {reason}" in proc.stdout
     totals = summary["totals"]
     ok, failed = len(good) + len(crafted), len(bad) + 1
     assert (totals["processed"], totals["failed"], totals["total"]) == (ok, failed, ok + failed)

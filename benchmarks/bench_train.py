@@ -35,7 +35,9 @@ import torch.nn.functional as F  # noqa: E402
 from config import from_dict  # noqa: E402
 from modules.data import EvalVideos  # noqa: E402
 from modules.tokenization_clip import tokenize_for_model  # noqa: E402
-from modules.training import Trainer, contrastive_loss, small_clip_state_dict, small_config_dict  # noqa: E402
+from modules.clip_archs import small_arch  # noqa: E402
+from modules.module_clip import random_state_dict  # noqa: E402
+from modules.training import Trainer, contrastive_loss, small_config_dict  # noqa: E402
 
 SIZE = 64
 LAYERS = 4
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     # ------------------------------------------------------------------ part 1
-    clip_state = small_clip_state_dict(SIZE, vision_width=WIDTH, vision_layers=LAYERS, text_width=WIDTH, text_layers=LAYERS)
+    clip_state = random_state_dict(small_arch(SIZE, vision_width=WIDTH, vision_layers=LAYERS, text_width=WIDTH, text_layers=LAYERS))
     config = from_dict(model_config(work, training_settings(work, args)))
     trainer = Trainer(config, "joint", clip_state_dict=clip_state, progress=False, log_dir=False)
     num_val = len(trainer.data.val.videos)

@@ -9,6 +9,7 @@
     run     decode_pool     sample_video in worker processes, uint8 frames back
             unified_model   the model, built once (create_unified_model) while workers decode
             forward_lanes   batches of batch_size through encode_videos (side by side on CPU)
+            device_feed     on CUDA: pinned uploads of batch k+1 overlap batch k's forward
             writers         write(VideoResult): <name>_embedding.npy / .json / <name>_frames.npz
     finish  distributed     shards publish their records; rank 0 / the last shard merges them
             writers         close(report): consolidated files + index, summary
@@ -33,9 +34,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from modules.cli_support import UsageError
 from modules.decode_pool import DecodedVideo, decode_stream, default_num_workers
+from modules.device_feed import MAX_DEVICE_BATCH, DeviceFeeder, DeviceLane, default_device_workers, device_batch_size
 from modules.distributed import DistEnv, barrier, cleanup_distributed, init_distributed, listing_signature, \
     publish_share, read_shares
-from modules.errors import one_line
+from modules.errors import one_line, printable
 from modules.forward_lanes import ForwardLanes, default_parallel_batches, encode_batch, lane_threads
 from modules.video_listing import VideoEntry, list_videos, parse_extensions, shard_entries
 from modules.writers import SAVE_FORMATS, OutputFilesWriter, RunReport, VideoResult, Writer, result_counts
@@ -74,12 +76,14 @@ class ExtractionOptions:
     progress: bool = True
     merge_lora: bool = True
     writers: Sequence[Writer] = ()
+    window_seconds: Optional[float] = None
+    window_stride: Optional[float] = None
 
     def check(self) -> None:
         """UsageError for an option out of range."""
         if self.save_format not in SAVE_FORMATS:
             raise UsageError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
-        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1)):
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1), ("window_seconds", 0)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise UsageError(f"{key} must be >= {low}, got {value}")
@@ -102,7 +106,7 @@ class ExtractionPlan:
     writers: List[Writer]
     pending: List[VideoEntry]
     records: Dict[str, VideoResult]
-    batch_size: int
+    batch_size: Optional[int]
     lanes: int
     workers: int
     settings: Dict[str, Any] = field(default_factory=dict)
@@ -133,6 +137,8 @@ def extract_directory_embeddings(
     progress: bool = True,
     merge_lora: bool = True,
     writers: Sequence[Writer] = (),
+    window_seconds: Optional[float] = None,
+    window_stride: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Embed every video in ``video_dir``; write one file set per video into ``output_dir``.
 
@@ -144,12 +150,18 @@ def extract_directory_embeddings(
     "both"; save_frame_features: also ``<name>_frames.npz``; consolidated: also
     ``consolidated_embeddings.json``, ``embeddings.npy``, ``embeddings_index.json``;
     summary: also ``extraction_summary.json``; writers: more writers (``modules.writers``).
-    recursive, extensions: what is listed. batch_size: videos per forward (None: 1 on CPU,
-    4 on CUDA). num_workers: decode processes (None: ``default_num_workers``; 0: inline).
+    recursive, extensions: what is listed. batch_size: videos per forward (None: 1 on CPU; on
+    CUDA what free device memory holds, ``device_feed.device_batch_size``). num_workers:
+    decode processes (None: ``default_num_workers`` on CPU, ``default_device_workers`` on
+    CUDA; 0: inline).
     parallel_batches: CPU forwards side by side, each on an equal share of torch's threads
     (restored on return). overwrite: recompute finished videos (default: resume).
     shard, num_shards: process one share without torchrun. progress: a tqdm bar.
     merge_lora: fold LoRA into the weights of a model built here (same outputs, faster).
+    window_seconds, window_stride: override the config's keys of the same names (long
+    videos as a timeline of windows, ``modules.long_video``; None: the config's, whose
+    default windows only videos over 10 minutes); a windowed video also gets
+    ``<name>_windows.npz`` (the window table) and its embedding is the size-weighted mean.
 
     Returns dict with processed, failed, skipped, total (this process's share), errors
     ([{video_path, error}]), elapsed_seconds, videos_per_second, output_dir, shard,
@@ -168,10 +180,12 @@ def extract_directory_embeddings(
 
 def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     """List, place this process, read the model inputs, prepare the writers, find the work."""
-    from unified_model import load_model_spec
+    from unified_model import join_fingerprint, load_model_spec, spec_fingerprint
 
     start = time.perf_counter()
     video_dir, output_dir = os.fspath(options.video_dir), os.fspath(options.output_dir)
+    if not output_dir:
+        raise UsageError("the output folder is an empty string")
     exts = parse_extensions(options.extensions)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"output path exists and is not a directory: {output_dir}")
@@ -179,14 +193,27 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     model = options.model
     spec = None if model is not None else load_model_spec(options.config_path, options.checkpoint, options.clip_weights)
     config = model.config if model is not None else spec.config
+    if options.window_seconds is not None or options.window_stride is not None:
+        import dataclasses
+
+        from config import ConfigError
+
+        try:
+            config = dataclasses.replace(
+                config, window_seconds=config.window_seconds if options.window_seconds is None else options.window_seconds,
+                window_stride=options.window_stride)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
     env = init_distributed(model.device if model is not None else options.device, config, shard=options.shard,
                            num_shards=options.num_shards, timeout=_DIST_TIMEOUT, share_cpu_threads=True)
     if not entries:
         logger.warning("no video files (%s) in %s%s", " ".join(exts), video_dir,
                        "" if options.recursive else " (not recursive)")
+    parts = model.fingerprint_parts if model is not None else spec_fingerprint(spec)
     writers = [OutputFilesWriter(output_dir, options.save_format, options.save_frame_features, options.consolidated,
                                  options.summary, options.overwrite), *options.writers]
     for writer in writers:
+        writer.bind_model(join_fingerprint(parts), parts)
         writer.prepare(entries, cleanup=env.world_size == 1)
     mine = shard_entries(entries, env.rank, env.world_size)
     records: Dict[str, VideoResult] = {}
@@ -194,7 +221,7 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     for entry in mine:
         if entry.problem is not None:
             records[entry.name] = VideoResult.of(entry, "failed", entry.problem, 0.0)
-            logger.warning("%s: %s", entry.path, one_line(entry.problem))
+            logger.warning("%s: %s", printable(entry.path), one_line(entry.problem))
         elif all(w.is_done(entry) for w in writers):
             records[entry.name] = VideoResult.of(entry, "skipped")
         else:
@@ -203,10 +230,11 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     if skipped:
         logger.info("skipping %d videos whose outputs already exist (use --overwrite to redo them)", skipped)
     on_cpu = (model.device if model is not None else env.device).type == "cpu"
-    workers = default_num_workers(env.local_world_size) if options.num_workers is None else options.num_workers
+    workers = options.num_workers if options.num_workers is not None else (
+        default_num_workers(env.local_world_size) if on_cpu else default_device_workers(env.local_world_size))
     plan = ExtractionPlan(
         options, start, video_dir, output_dir, entries, mine, env, spec, config, writers, pending, records,
-        batch_size=options.batch_size or (1 if on_cpu else 4),
+        batch_size=options.batch_size or (1 if on_cpu else None),  # CUDA: set once the model is on the device
         lanes=(options.parallel_batches or default_parallel_batches()) if on_cpu else 1, workers=workers)
     plan.settings = {
         "video_dir": video_dir, "output_dir": output_dir, "save_format": options.save_format,
@@ -219,6 +247,8 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
         "checkpoint": None if spec is None else spec.checkpoint,
         "clip_weights": config.clip_weights,
         "config": config.to_dict(),
+        "fingerprint": join_fingerprint(parts),
+        "fingerprint_parts": parts,
     }
     return plan
 
@@ -248,7 +278,7 @@ class _Tally:
                                                      result.seconds)
         if result.status == "failed":
             self.failed += 1
-            logger.warning("%s: %s", result.video_path, result.error)
+            logger.warning("%s: %s", printable(result.video_path), result.error)
             self.bar.set_postfix(failed=self.failed, refresh=False)
         self.bar.update(1)
 
@@ -266,17 +296,26 @@ def run_extraction(plan: ExtractionPlan):
             # start the decode workers first: they work while the model loads, and they
             # are forked before any helper thread (tqdm's monitor, forward lanes) exists
             stream = decode_stream([e.path for e in plan.pending], plan.config, plan.workers,
-                                   max_in_flight=plan.batch_size * plan.lanes + 2 * max(1, plan.workers))
+                                   max_in_flight=(plan.batch_size or MAX_DEVICE_BATCH) * plan.lanes
+                                   + 2 * max(1, plan.workers), windows=True)
             if model is None:
                 model = create_unified_model(spec=plan.spec, device=env.device, merge_lora=options.merge_lora)
+            if plan.batch_size is None:  # CUDA: the batch free device memory holds
+                plan.batch_size = plan.settings["batch_size"] = device_batch_size(model)
         failed = sum(1 for r in plan.records.values() if r.status == "failed")
         bar = tqdm(total=len(plan.pending) + failed, initial=failed, unit="video", desc="extracting",
                    disable=not options.progress or (env.distributed and env.rank != 0),
                    dynamic_ncols=True, smoothing=0.1)
         if plan.pending:
             tally = _Tally(plan, bar)
-            forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
-            _encode_stream(plan, stream, forwards, tally)
+            if model.device.type == "cuda":  # uploads overlap the forwards (modules/device_feed.py)
+                forwards = DeviceLane(DeviceFeeder(model.device), lambda items, frames: encode_batch(model, items, frames),
+                                      frames_of=lambda item: item[1].video.frames)
+            else:
+                forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
+            _encode_stream(plan, stream, forwards, tally, model)
+            if isinstance(forwards, DeviceLane):
+                plan.settings["model_wait_share"] = round(forwards.wait_share, 4)
     finally:
         if forwards is not None:
             forwards.close()
@@ -287,7 +326,10 @@ def run_extraction(plan: ExtractionPlan):
     return model
 
 
-def _encode_stream(plan: ExtractionPlan, stream, forwards: ForwardLanes, tally: _Tally) -> None:
+def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally,
+                   model) -> None:
+    from modules.long_video import encode_windowed_result
+
     by_path = {e.path: e for e in plan.pending}
     batch: List[Tuple[VideoEntry, DecodedVideo]] = []
     with lane_threads(plan.lanes):
@@ -295,6 +337,9 @@ def _encode_stream(plan: ExtractionPlan, stream, forwards: ForwardLanes, tally: 
             entry = by_path[path]
             if not decoded.ok:
                 tally.record(VideoResult.of(entry, "failed", decoded.error, decoded.seconds))
+                continue
+            if decoded.window is not None:  # a long video: decoded here, window by window
+                tally.write(encode_windowed_result(model, entry, decoded.window, plan.lanes))
                 continue
             batch.append((entry, decoded))
             if len(batch) >= plan.batch_size:

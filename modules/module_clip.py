@@ -10,30 +10,23 @@ dicts load with ``strict=True``. Two deliberate differences from the reference:
   the fused qkv projection, the token-merging encoder can reuse the projections with its own
   attention bias, and ``torch.utils.flop_counter`` sees every matmul.
 
-This file also resolves and downloads the official OpenAI weights
-(:func:`load_clip_state_dict`) and builds random weights for offline runs
-(:func:`random_state_dict`, :func:`load_or_random`).
+The MLP activation is a constructor argument: QuickGELU for OpenAI CLIP (and weights
+fine-tuned from it), GELU for open_clip models trained from scratch. Where weights come
+from (names, downloads, file formats) is modules/clip_weights.py's business; this file
+only builds the network and the one random-weights CLIP (:func:`random_state_dict`).
 """
 from __future__ import annotations
 
-import hashlib
-import http.client
 import logging
 import math
-import os
-import re
-import urllib.error
-import urllib.request
-import uuid
-import warnings
-import zipfile
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
+
+from modules.clip_archs import ACTIVATIONS, CLIP_ARCHS, canonical_arch_name
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +42,8 @@ __all__ = [
     "build_model",
     "infer_config",
     "random_state_dict",
-    "load_clip_state_dict",
-    "load_or_random",
-    "WeightsError",
-    "OPENAI_URL_BASE",
-    "OPENAI_MODELS",
+    "register_cpu_sdpa_flops",
+    "NON_PARAMETER_KEYS",
     "CLIP_ARCHS",
 ]
 
@@ -155,13 +145,15 @@ class Attention(nn.Module):
         return self.project_out(o)
 
 
-def _register_cpu_sdpa_flops() -> None:
+def register_cpu_sdpa_flops() -> None:
     """Make torch.utils.flop_counter count scaled_dot_product_attention on CPU too.
 
     On CPU, SDPA runs ``aten._scaled_dot_product_flash_attention_for_cpu``, which the flop
     counter has no formula for (it only knows the CUDA kernels), so attention would count
     as free. The CPU op takes the same leading arguments as the CUDA flash kernel, so its
-    formulas apply unchanged. FlopCounterMode snapshots the registry when constructed.
+    formulas apply unchanged. FlopCounterMode snapshots the registry when constructed, so
+    call this before creating one. Tests and benchmarks that count FLOPs call it; nothing
+    calls it at import (it edits torch's global registry).
     """
     try:
         from torch.utils import flop_counter
@@ -181,13 +173,18 @@ def _register_cpu_sdpa_flops() -> None:
         logger.debug("could not register CPU SDPA flop formulas: %s", e)
 
 
-_register_cpu_sdpa_flops()
+def _activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    if name == "gelu":
+        return nn.GELU()
+    raise ValueError(f"unknown CLIP activation {name!r} (known: {', '.join(ACTIVATIONS)})")
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1 x), then x + mlp(ln_2 x)."""
 
-    def __init__(self, d_model: int, n_head: int) -> None:
+    def __init__(self, d_model: int, n_head: int, activation: str = "quick_gelu") -> None:
         super().__init__()
         self.ln_1 = LayerNorm(d_model)
         self.attn = Attention(d_model, n_head)
@@ -196,7 +193,7 @@ class ResidualAttentionBlock(nn.Module):
             OrderedDict(
                 [
                     ("c_fc", nn.Linear(d_model, d_model * 4)),
-                    ("gelu", QuickGELU()),
+                    ("gelu", _activation(activation)),
                     ("c_proj", nn.Linear(d_model * 4, d_model)),
                 ]
             )
@@ -214,13 +211,13 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of ``layers`` residual attention blocks of width ``width``."""
 
-    def __init__(self, width: int, layers: int, heads: int) -> None:
+    def __init__(self, width: int, layers: int, heads: int, activation: str = "quick_gelu") -> None:
         super().__init__()
         self.width = width
         self.layers = layers
         self.heads = heads
         self.resblocks = nn.ModuleList(
-            [ResidualAttentionBlock(width, heads) for _ in range(layers)]
+            [ResidualAttentionBlock(width, heads, activation) for _ in range(layers)]
         )
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
@@ -242,6 +239,7 @@ class VisionTransformer(nn.Module):
         layers: int,
         heads: int,
         output_dim: int,
+        activation: str = "quick_gelu",
     ) -> None:
         super().__init__()
         if input_resolution % patch_size != 0:
@@ -261,7 +259,7 @@ class VisionTransformer(nn.Module):
             scale * torch.randn(self.grid_size ** 2 + 1, width)
         )
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
@@ -318,6 +316,7 @@ class CLIP(nn.Module):
         transformer_width: int,
         transformer_heads: int,
         transformer_layers: int,
+        activation: str = "quick_gelu",
     ) -> None:
         super().__init__()
         # Kept so a model can be rebuilt or described without its state dict.
@@ -333,6 +332,7 @@ class CLIP(nn.Module):
             transformer_heads=transformer_heads,
             transformer_layers=transformer_layers,
         )
+        self.activation = activation
         self.context_length = context_length
         self.vocab_size = vocab_size
 
@@ -343,8 +343,9 @@ class CLIP(nn.Module):
             layers=vision_layers,
             heads=_heads_for_width(vision_width),
             output_dim=embed_dim,
+            activation=activation,
         )
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -426,27 +427,7 @@ def _causal_mask(length: int) -> Tensor:
 # ---------------------------------------------------------------------------------------
 
 # Keys found in OpenAI's TorchScript archives (and derived buffers) that are not parameters.
-_NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
-
-#: Architectures of OpenAI's ViT CLIPs, as CLIP(...) keyword arguments.
-CLIP_ARCHS: Dict[str, Dict[str, int]] = {
-    "ViT-B/32": dict(
-        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-        vision_patch_size=32, context_length=77, vocab_size=49408, transformer_width=512,
-        transformer_heads=8, transformer_layers=12,
-    ),
-    "ViT-B/16": dict(
-        embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768,
-        vision_patch_size=16, context_length=77, vocab_size=49408, transformer_width=512,
-        transformer_heads=8, transformer_layers=12,
-    ),
-    "ViT-L/14": dict(
-        embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024,
-        vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
-        transformer_heads=12, transformer_layers=12,
-    ),
-}
-
+NON_PARAMETER_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
 def _count_blocks(state_dict: Mapping[str, Tensor], prefix: str) -> int:
     indices = {
@@ -488,291 +469,39 @@ def infer_config(state_dict: Mapping[str, Tensor]) -> Dict[str, int]:
     )
 
 
-def build_model(state_dict: Mapping[str, Tensor]) -> CLIP:
+def build_model(state_dict: Mapping[str, Tensor], activation: str = "quick_gelu") -> CLIP:
     """A float32 CLIP in eval mode from an OpenAI / open_clip ViT state dict (strict load).
 
-    All sizes come from tensor shapes; head counts follow CLIP's 64-dim heads.
+    All sizes come from tensor shapes; head counts follow CLIP's 64-dim heads. The state
+    dict does not say which MLP ``activation`` its model was trained with: the caller does
+    (modules/clip_weights.py infers it from the file or name).
     """
-    state_dict = {k: v for k, v in state_dict.items() if k not in _NON_PARAMETER_KEYS}
+    state_dict = {k: v for k, v in state_dict.items() if k not in NON_PARAMETER_KEYS}
     config = infer_config(state_dict)
     # Built on the meta device: the random initialisation (seconds for ViT-B/32) would be
     # overwritten anyway. Every persistent tensor is then filled by the strict load; the
     # only non-persistent one, the causal mask, is recomputed.
     with torch.device("meta"):
-        model = CLIP(**config)
+        model = CLIP(**config, activation=activation)
     model = model.to_empty(device="cpu")
     model.attn_mask = _causal_mask(config["context_length"])
     model.load_state_dict(state_dict, strict=True)  # copies; fp16 weights become fp32
     return model.float().eval()
 
 
-def random_state_dict(name: str = "ViT-B/32", seed: int = 0) -> Dict[str, Tensor]:
-    """State dict of a randomly initialised CLIP with the shapes of OpenAI's ``name``.
+def random_state_dict(arch: Union[str, Mapping[str, int]] = "ViT-B/32", seed: int = 0) -> Dict[str, Tensor]:
+    """State dict of a randomly initialised CLIP: the one random-CLIP builder.
 
-    Deterministic for a seed; the global RNG state is left untouched.
+    ``arch``: an architecture name ("ViT-B/32", open_clip spelling accepted) or ``CLIP(...)``
+    keyword arguments (e.g. ``clip_archs.small_arch(...)``). Deterministic for a seed; the
+    global RNG state is left untouched. The activation does not change the tensors.
     """
-    name = _canonical_name(name)
-    if name not in CLIP_ARCHS:
-        raise ValueError(f"unknown CLIP architecture {name!r}; known: {', '.join(CLIP_ARCHS)}")
+    if isinstance(arch, str):
+        name = canonical_arch_name(arch)
+        if name not in CLIP_ARCHS:
+            raise ValueError(f"unknown CLIP architecture {arch!r}; known: {', '.join(CLIP_ARCHS)}")
+        arch = CLIP_ARCHS[name]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIP(**CLIP_ARCHS[name])
+        model = CLIP(**arch)
     return model.state_dict()
-
-
-# ---------------------------------------------------------------------------------------
-# Official weights: resolving, downloading, loading
-# ---------------------------------------------------------------------------------------
-
-
-class WeightsError(RuntimeError):
-    """CLIP weights could not be found, downloaded, verified or read."""
-
-
-#: Where OpenAI publishes its CLIP checkpoints (overridable with UNIFIED_CLIP_URL_BASE).
-OPENAI_URL_BASE = "https://openaipublic.azureedge.net/clip/models"
-
-#: Model name -> "<sha256>/<file name>" under the URL base (from OpenAI's clip/clip.py).
-#: The directory component is the file's sha256, which the download is verified against.
-OPENAI_MODELS: Dict[str, str] = {
-    "ViT-B/32": "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-}
-
-_CHUNK = 1 << 20
-_DOWNLOAD_TIMEOUT_S = 60
-
-
-def _canonical_name(name: str) -> str:
-    """Accept open_clip spellings ("ViT-B-32") for OpenAI names ("ViT-B/32")."""
-    for known in list(OPENAI_MODELS) + list(CLIP_ARCHS):
-        if name == known or name == known.replace("/", "-"):
-            return known
-    return name
-
-
-def _model_url(name: str) -> Tuple[str, str, str]:
-    """-> (url, expected sha256, file name) for a known model name."""
-    relative = OPENAI_MODELS[name]
-    sha256, filename = relative.split("/")[-2:]
-    base = os.environ.get("UNIFIED_CLIP_URL_BASE") or OPENAI_URL_BASE
-    return f"{base.rstrip('/')}/{relative}", sha256, filename
-
-
-def _default_cache_dir() -> str:
-    return os.environ.get("UNIFIED_CLIP_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "clip"
-    )
-
-
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, urllib.error.HTTPError):
-        text = f"HTTP {error.code} {error.reason}"
-    elif isinstance(error, urllib.error.URLError):
-        text = str(error.reason)
-    else:
-        text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
-    return " ".join(text.split())
-
-
-def _download_error(name: str, url: str, reason: str) -> WeightsError:
-    return WeightsError(
-        f"could not download {name} from {url} ({reason}); pass a local file with "
-        "--clip_weights PATH or set UNIFIED_CLIP_WEIGHTS"
-    )
-
-
-def _download(name: str, cache_dir: str, download: bool) -> str:
-    """Path of the verified cached file for ``name``, downloading it if needed."""
-    url, sha256, filename = _model_url(name)
-    target = os.path.join(cache_dir, filename)
-    if os.path.isfile(target):
-        if _sha256_file(target) == sha256:
-            return target
-        logger.warning("cached %s does not match its sha256; downloading it again", target)
-    if not download:
-        raise WeightsError(
-            f"{name} weights are not cached at {target} (or fail their sha256 check) and "
-            "download=False; pass a local file with --clip_weights PATH or set UNIFIED_CLIP_WEIGHTS"
-        )
-
-    # Written under a temporary name next to the target and renamed into place, so an
-    # interrupted download never leaves a file under the final name. The name is unique
-    # (several ranks may download at once) and, unlike mkstemp's, the file gets the umask's
-    # permissions, since the cache may be shared.
-    tmp_path = os.path.join(cache_dir, f".{filename}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
-    try:
-        os.makedirs(cache_dir, exist_ok=True)
-        out = open(tmp_path, "xb")
-    except OSError as e:
-        raise WeightsError(
-            f"cannot write to the CLIP cache directory {cache_dir} ({_one_line(e)}); set "
-            "UNIFIED_CLIP_CACHE, or pass a local file with --clip_weights PATH"
-        ) from None
-    digest = hashlib.sha256()
-    received, total = 0, None
-    try:
-        with out:
-            try:
-                with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT_S) as source:
-                    length = source.headers.get("Content-Length")
-                    total = int(length) if length else None  # ValueError if malformed
-                    logger.info("downloading %s from %s", name, url)
-                    with tqdm(
-                        total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                        desc=filename, disable=None,
-                    ) as bar:
-                        for chunk in iter(lambda: source.read(_CHUNK), b""):
-                            out.write(chunk)
-                            digest.update(chunk)
-                            received += len(chunk)
-                            bar.update(len(chunk))
-            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
-                raise _download_error(name, url, _one_line(e)) from None
-        if total is not None and received != total:
-            # http.client hands back a short body without complaint when the server hangs
-            # up early; say so rather than report a hash mismatch.
-            raise _download_error(name, url, f"connection closed after {received} of {total} bytes")
-        actual = digest.hexdigest()
-        if actual != sha256:
-            raise WeightsError(f"sha256 mismatch for {url}: expected {sha256} got {actual}")
-        os.replace(tmp_path, target)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    logger.info("saved %s to %s", name, target)
-    return target
-
-
-def _is_torchscript_archive(path: str) -> bool:
-    # TorchScript archives hold a constants.pkl (and code/); torch.save archives do not.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return any(n.endswith("constants.pkl") for n in archive.namelist())
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _error_summary(error: BaseException) -> str:
-    """A short one-line account of a loading error."""
-    text = str(error)
-    marker = "WeightsUnpickler error:"
-    if marker in text:
-        # torch.load(weights_only=True) buries the useful part ("Unsupported global: ...")
-        # under a long explanation.
-        text = text.split(marker, 1)[1]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    first = lines[0].split(". ")[0] if lines else ""
-    return f"{type(error).__name__}: {first}"[:200]
-
-
-def _read_checkpoint(path: str) -> Dict[str, Tensor]:
-    """State dict from a TorchScript archive or a torch.save'd (state) dict."""
-    def load_torchscript() -> Any:
-        # OpenAI ships TorchScript archives; their state_dict() holds the parameters.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit is deprecated"
-            return torch.jit.load(path, map_location="cpu").state_dict()
-
-    def load_pickle() -> Any:
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    load = load_torchscript if _is_torchscript_archive(path) else load_pickle
-    try:
-        obj = load()
-    except Exception as e:
-        raise WeightsError(f"{path} is not a CLIP checkpoint or is corrupt ({_error_summary(e)})") from None
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items()
-    ):
-        raise WeightsError(f"{path} is not a CLIP checkpoint (no tensor state dict inside)")
-    state_dict = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
-    if "token_embedding.weight" not in state_dict or not any(
-        k.startswith("visual.") for k in state_dict
-    ):
-        raise WeightsError(f"{path} is not a CLIP checkpoint (no CLIP parameter names inside)")
-    return state_dict
-
-
-def _looks_like_path(name: str) -> bool:
-    return (
-        os.sep in name
-        or "/" in name
-        or name.startswith(("~", "."))
-        or os.path.splitext(name)[1] != ""
-    )
-
-
-def _looks_like_model_name(name: str) -> bool:
-    # "ViT-H/14", "RN50x4", ... : report an unknown name rather than a missing file.
-    return re.fullmatch(r"(ViT|RN)[\w\-/@]*", name) is not None
-
-
-def load_clip_state_dict(
-    name_or_path: str, cache_dir: Optional[str] = None, download: bool = True
-) -> Dict[str, Tensor]:
-    """CLIP state dict from a local file or an OpenAI model name ("ViT-B/32", "ViT-B/16").
-
-    A model name uses the file in env ``UNIFIED_CLIP_WEIGHTS`` when set, otherwise the
-    official checkpoint, downloaded once into ``cache_dir`` (default env
-    ``UNIFIED_CLIP_CACHE`` or ``~/.cache/clip``) and verified by sha256. Every failure
-    raises :class:`WeightsError` with a one-line message.
-    """
-    name = _canonical_name(name_or_path)
-    if name in OPENAI_MODELS:
-        override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
-        if override:
-            path = os.path.expanduser(override)
-            if not os.path.isfile(path):
-                raise WeightsError(f"weights file not found: {path} (from UNIFIED_CLIP_WEIGHTS)")
-            logger.info("using %s for %s (UNIFIED_CLIP_WEIGHTS)", path, name)
-            return _read_checkpoint(path)
-        path = _download(name, os.path.expanduser(cache_dir or _default_cache_dir()), download)
-        return _read_checkpoint(path)
-
-    path = os.path.expanduser(name_or_path)
-    if os.path.isfile(path):
-        return _read_checkpoint(path)
-    known = ", ".join(OPENAI_MODELS)
-    if os.path.exists(path):  # a directory, say
-        raise WeightsError(f"weights file not found: {path} (not a file)")
-    if _looks_like_model_name(name_or_path):
-        if name_or_path.startswith("RN"):
-            raise WeightsError(
-                f"{name_or_path!r}: only ViT CLIP checkpoints are supported; known names: {known}"
-            )
-        raise WeightsError(
-            f"unknown CLIP model {name_or_path!r}; known names: {known} (or pass a local weights file)"
-        )
-    if _looks_like_path(name_or_path):
-        raise WeightsError(f"weights file not found: {path}")
-    raise WeightsError(f"weights file not found: {path} (nor is it a known model name: {known})")
-
-
-def load_or_random(
-    name_or_path: Optional[str],
-    base_name: str = "ViT-B/32",
-    cache_dir: Optional[str] = None,
-    download: bool = True,
-    seed: int = 0,
-) -> Dict[str, Tensor]:
-    """Resolve a ``clip_weights`` setting: None = official ``base_name`` weights,
-    "random" = random weights with ``base_name``'s shapes, else a file or model name."""
-    if name_or_path == "random":
-        logger.warning("random CLIP weights: embeddings are not semantic (offline smoke/test mode)")
-        return random_state_dict(base_name, seed=seed)
-    if name_or_path is None:
-        return load_clip_state_dict(base_name, cache_dir=cache_dir, download=download)
-    return load_clip_state_dict(name_or_path, cache_dir=cache_dir, download=download)

@@ -17,10 +17,12 @@ from modules.module_clip import (
     infer_config,
     patchify,
     random_state_dict,
+    register_cpu_sdpa_flops,
 )
 from modules.tokenization_clip import tokenize, tokenize_for_model
 
 open_clip = pytest.importorskip("open_clip")
+register_cpu_sdpa_flops()  # this file counts FLOPs, attention included
 
 TINY = dict(
     embed_dim=32, image_resolution=64, vision_layers=2, vision_width=128, vision_patch_size=16,
@@ -276,7 +278,7 @@ def test_gradients_flow(tiny):
 
 
 def test_flop_counter_counts_attention():
-    """Attention is counted on CPU too (module_clip registers the CPU SDPA kernel)."""
+    """Attention is counted on CPU too (once register_cpu_sdpa_flops registered the CPU SDPA kernel)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     batch, length, d, heads = 2, 10, 64, 4

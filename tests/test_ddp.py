@@ -13,7 +13,9 @@ import sys
 
 import torch
 
-from modules.training import small_clip_state_dict, small_config_dict
+from modules.clip_archs import small_arch
+from modules.module_clip import random_state_dict
+from modules.training import small_config_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "ddp_worker.py")
@@ -42,7 +44,7 @@ def _run(cmd, out_dir):
 
 def test_two_processes_identical_weights_and_equal_to_one_process(tmp_path):
     clip_file = tmp_path / "clip.pt"
-    torch.save(small_clip_state_dict(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=2), clip_file)
+    torch.save(random_state_dict(small_arch(SIZE, vision_width=64, vision_layers=2, text_width=64, text_layers=2)), clip_file)
     ddp_out, single_out = tmp_path / "ddp_out", tmp_path / "single_out"
     _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", WORKER,
           _write_config(tmp_path, "ddp", clip_file), str(ddp_out), "joint"], ddp_out)

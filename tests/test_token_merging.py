@@ -232,7 +232,7 @@ def test_bad_inputs() -> None:
         merge_tokens(plan, x[:, :-1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_cuda_matches_cpu() -> None:
     metric, x, size = _random_case(batch=4, num_tokens=97, num_protected=12, width=64)
     plan = bipartite_soft_matching(metric, 30, 12)
@@ -416,7 +416,7 @@ def test_compress_low_precision() -> None:
         torch.testing.assert_close(out16.tokens.float(), out32.tokens, rtol=3e-2, atol=3e-2)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_compress_cuda_matches_cpu() -> None:
     tokens = _random_walk(8, 32, 50, 768, seed=9, dtype=torch.float32)
     out = compress_frames(tokens, 12)

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import ConfigError, from_dict
-from modules.module_clip import random_state_dict
+from modules.module_clip import random_state_dict, register_cpu_sdpa_flops
 from modules.tempme_encoder import merge_trace
 from tests.video_factory import write_video
 from unified_model import CheckpointError, UnifiedTempMeSTOPModel, create_unified_model
+
+register_cpu_sdpa_flops()  # this file counts FLOPs, attention included
 
 torch.set_num_threads(2)
 
@@ -247,8 +249,9 @@ def test_video_size_must_match_weights(clip_state):
 
 
 def test_seqtransf_needs_enough_text_blocks():
-    from modules.training import small_clip_state_dict, small_config_dict
-    state = small_clip_state_dict(text_layers=2)
+    from modules.clip_archs import small_arch
+    from modules.training import small_config_dict
+    state = random_state_dict(small_arch(text_layers=2))
     with pytest.raises(ConfigError, match="stop.sim_header"):
         UnifiedTempMeSTOPModel(from_dict(small_config_dict(sim_header="seqTransf")), state)
 

@@ -12,14 +12,9 @@ import warnings
 import pytest
 import torch
 
-from modules import module_clip
-from modules.module_clip import (
-    CLIP,
-    WeightsError,
-    build_model,
-    load_clip_state_dict,
-    load_or_random,
-)
+from modules import clip_weights as module_clip
+from modules.clip_weights import WeightsError, load_clip_state_dict, load_or_random
+from modules.module_clip import CLIP, build_model
 
 TINY = dict(
     embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
@@ -276,11 +271,187 @@ def test_env_weights_override(monkeypatch, tiny_file, tiny_state_dict, tmp_path)
         load_clip_state_dict("ViT-B/32")
 
 
+def test_env_weights_random_means_random_weights(monkeypatch, caplog, tmp_path):
+    """Issue 11.9: UNIFIED_CLIP_WEIGHTS=random means what --clip_weights random means
+    (failed before: "weights file not found: random (from UNIFIED_CLIP_WEIGHTS)")."""
+    monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", "random")
+    monkeypatch.setenv("UNIFIED_CLIP_URL_BASE", _dead_url())  # no download either
+    with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
+        sd = load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path))
+    assert "UNIFIED_CLIP_WEIGHTS=random" in caplog.text
+    assert _same(sd, load_or_random("random"))  # the same random weights (same seed)
+    assert load_or_random(None)["visual.conv1.weight"].shape == (768, 3, 32, 32)
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_or_random(caplog, tiny_file, tiny_state_dict):
-    with caplog.at_level(logging.WARNING, logger="modules.module_clip"):
+    with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
         sd = load_or_random("random")
     assert "random CLIP weights: embeddings are not semantic" in caplog.text
     assert sd["visual.conv1.weight"].shape == (768, 3, 32, 32)
     assert sd["token_embedding.weight"].shape == (49408, 512)
     assert len(sd) == 302
     assert _same(load_or_random(str(tiny_file)), tiny_state_dict)
+
+
+# ----------------------------------------------------------------------------- TorchScript as data
+
+
+def _evil_archive(path, marker) -> None:
+    """A scripted module whose __setstate__ creates ``marker`` (torch.jit.load runs it)."""
+    from typing import Tuple
+
+    class Evil(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(2))
+            self.path = str(marker)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+        @torch.jit.export
+        def __getstate__(self) -> Tuple[torch.Tensor, str, bool]:
+            return (self.weight, self.path, self.training)
+
+        @torch.jit.export
+        def __setstate__(self, state: Tuple[torch.Tensor, str, bool]) -> None:
+            self.weight = state[0]
+            self.path = state[1]
+            self.training = state[2]
+            self.weight = self.weight + torch.from_file(self.path, shared=True, size=1).sum() * 0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(Evil()).save(str(path))
+
+
+def test_torchscript_code_never_runs(tmp_path, monkeypatch):
+    """A crafted "ViT-B-32.pt" is refused; its __setstate__ (which would create a file) never runs."""
+    marker = tmp_path / "pwned"
+    archive = tmp_path / "ViT-B-32.pt"
+    _evil_archive(archive, marker)
+    assert not marker.exists()
+    with pytest.raises(WeightsError) as info:
+        load_clip_state_dict(str(archive))
+    assert "__setstate__" in str(info.value) and str(archive) in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", str(archive))  # the same file behind an official name
+    with pytest.raises(WeightsError):
+        load_or_random(None)
+    assert not marker.exists()
+
+
+def test_torchscript_is_never_jit_loaded(tmp_path, tiny_state_dict, monkeypatch):
+    model = CLIP(**TINY).eval()
+    model.load_state_dict(tiny_state_dict)
+    path = tmp_path / "ViT-tiny.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace_module(model, {"encode_image": torch.randn(1, 3, 32, 32)}).save(str(path))
+        expected = torch.jit.load(str(path)).state_dict()  # what the old loader returned
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    weights = module_clip.load_clip_weights(str(path))
+    assert set(weights.state_dict) == set(expected)
+    assert all(torch.equal(weights.state_dict[k], expected[k]) for k in expected)
+    assert weights.activation == "quick_gelu"  # the traced code shows QuickGELU
+
+
+def test_non_finite_clip_weights_are_refused(tmp_path, tiny_state_dict):
+    bad = dict(tiny_state_dict)
+    bad["visual.proj"] = bad["visual.proj"].clone()
+    bad["visual.proj"][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(bad, path)
+    with pytest.raises(WeightsError, match=r"nan.pt: tensor visual.proj holds NaN or infinite values"):
+        load_clip_state_dict(str(path))
+
+
+def test_fifo_and_folder_without_config_are_refused(tmp_path):
+    fifo = tmp_path / "weights.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(WeightsError, match="not a regular file"):
+        load_clip_state_dict(str(fifo))  # returns at once instead of blocking on the FIFO
+    with pytest.raises(WeightsError, match="no config.json"):
+        load_clip_state_dict(str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- downloads
+
+
+def test_verified_bytes_are_the_bytes_loaded(served, tmp_path, monkeypatch, tiny_state_dict):
+    """Swapping the cached file right after it was verified does not change what is loaded."""
+    other = {k: torch.zeros_like(v) for k, v in tiny_state_dict.items()}
+    swapped = tmp_path / "swapped.pt"
+    torch.save(other, swapped)
+    real_replace = os.replace
+
+    def replace_then_swap(src, dst):
+        real_replace(src, dst)
+        if str(dst).endswith("ViT-B-32.pt"):
+            real_replace(swapped, dst)  # an attacker's file lands under the verified name
+
+    monkeypatch.setattr(os, "replace", replace_then_swap)
+    sd = load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path / "cache"))
+    assert _same(sd, tiny_state_dict)
+
+
+class _NoLengthServer(_Server):
+    """Streams ``size`` bytes with no Content-Length (HTTP/1.0 style, closed at the end)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.end_headers()
+                try:
+                    for _ in range(outer.size // 65536):
+                        self.wfile.write(b"\0" * 65536)
+                        outer.sent += 65536
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/clip/models"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+
+def test_download_without_length_is_capped(tmp_path, monkeypatch):
+    endless = _NoLengthServer(64 << 20)
+    try:
+        monkeypatch.setenv("UNIFIED_CLIP_URL_BASE", endless.url)
+        monkeypatch.setitem(module_clip.OPENAI_MAX_BYTES, "ViT-B/32", 1 << 20)
+        with pytest.raises(WeightsError, match=r"could not download ViT-B/32 .*more than the 1048576 bytes expected"):
+            load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path))
+        assert os.listdir(tmp_path) == []
+        assert endless.sent < 32 << 20  # stopped near the cap, not at the end of the stream
+    finally:
+        endless.close()
+
+
+# ----------------------------------------------------------------------------- checkpoints naming weights
+
+
+def test_checkpoint_naming_a_file_is_not_followed(tmp_path):
+    from modules.clip_weights import checkpoint_clip_weights
+
+    assert checkpoint_clip_weights(None, "ck.pth", None) is None
+    assert checkpoint_clip_weights("ViT-B/16", "ck.pth", None) == "ViT-B/16"
+    assert checkpoint_clip_weights("random", "ck.pth", None) == "random"
+    assert checkpoint_clip_weights("open_clip:ViT-B-32/laion2b_s34b_b79k", "ck.pth", None).startswith("open_clip:")
+    assert checkpoint_clip_weights("/tmp/evil.pt", "ck.pth", "/tmp/evil.pt") == "/tmp/evil.pt"  # the user's word
+    with pytest.raises(WeightsError, match=r"ck.pth was trained with clip_weights '/tmp/evil.pt'.*--clip_weights /tmp/evil.pt"):
+        checkpoint_clip_weights("/tmp/evil.pt", "ck.pth", None)
+    with pytest.raises(WeightsError):
+        checkpoint_clip_weights("open_clip:hf-hub:someone/model", "ck.pth", None)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from modules.clip_archs import ACTIVATIONS, ENCODER_DEPTH
 from modules.atomic_io import save_text_atomic
+from modules.json_input import JSONInputError, read_json_file
 
 __all__ = [
     "ConfigError",
@@ -611,17 +612,13 @@ def from_dict(data: Dict[str, Any]) -> UnifiedModelConfig:
 
 
 def read_json_object(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """The JSON object in a config file; a missing file or bad JSON is a one-line ConfigError."""
+    """The JSON object in a config file, read as hostile data (``modules.json_input``: regular
+    files only, bounded size, depth and numbers); every problem is a one-line ConfigError."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise ConfigError("", f"config file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise ConfigError("", f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except OSError as err:
-        raise ConfigError("", f"{path}: cannot read config ({err.strerror})") from None
+        data = read_json_file(path, "config file")
+    except JSONInputError as err:
+        raise ConfigError("", str(err)) from None
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a JSON object")
     return data

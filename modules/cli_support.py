@@ -10,6 +10,7 @@ before importing torch, so a typo is answered in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -78,6 +79,10 @@ def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], st
     """
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    for stream in (sys.stdout, sys.stderr):
+        # a non-UTF-8 file name (a lone surrogate after decoding) prints as \udcXX, never crashes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
         with logging_redirect_tqdm():
             return job()
@@ -134,6 +139,30 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
     parse.__name__ = f"integer >= {minimum}"
     return parse
+
+
+def seconds_arg(value: str) -> float:
+    """argparse type for a finite number of seconds >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {value!r}") from None
+    if not (number >= 0 and number != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """--window_seconds / --window_stride (long videos as a timeline of windows)."""
+    group = parser.add_argument_group("long videos")
+    group.add_argument("--window_seconds", type=seconds_arg, default=None,
+                       help="cut each video into windows of this many seconds, each sampled and encoded like a "
+                            "short video (0 = never; default: the config's window_seconds, which windows only "
+                            "videos longer than 10 minutes, with 30 s windows)")
+    group.add_argument("--window_stride", type=seconds_arg, default=None,
+                       help="seconds between window starts, > 0 and <= --window_seconds (default: the window "
+                            "length: windows side by side)")
+    return group
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:

@@ -89,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from modules.cli_support import check_config_file, check_dir, run_cli, setup_logging
+    from modules.cli_support import UsageError, check_config_file, check_dir, run_cli, setup_logging
 
     setup_logging(args.verbose, args.quiet)
 
     def job() -> int:
         # cheap checks first: a typo is answered before torch is even imported
         check_dir(args.video_dir, "video directory")
+        if not args.output_dir:
+            raise UsageError("--output_dir is empty")
         check_config_file(args.config_path)
 
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -141,7 +143,9 @@ def _print_library(args: argparse.Namespace) -> None:
 
 
 def _print_result(result: dict, args: argparse.Namespace) -> None:
-    """The CLI's result lines (stdout)."""
+    """The CLI's result lines (stdout): one line per failure, whatever the file names hold."""
+    from modules.errors import printable
+
     prefix = f"[shard {result['shard']}/{result['num_shards']}] " if result.get("num_shards", 1) > 1 else ""
     rate = result["videos_per_second"]
     print(f"{prefix}Embedded {result['processed']} videos, {result['failed']} failed, {result['skipped']} skipped "
@@ -149,7 +153,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           + (f" ({rate:.2f} videos/s)" if rate else "") + f"; outputs in {result['output_dir']}")
     errors = result["errors"]
     for err in errors[:20]:
-        print(f"{prefix}FAILED {err['video_path']}: {err['error']}")
+        print(f"{prefix}FAILED {printable(err['video_path'])}: {printable(err['error'])}")
     if len(errors) > 20:
         print(f"{prefix}... and {len(errors) - 20} more failures" + ("" if args.summary else " (use --summary to list them all)"))
     total = result.get("global")

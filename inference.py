@@ -182,7 +182,7 @@ def run_single(args: argparse.Namespace) -> int:
     else:
         result = batch_retrieve_events([{"video_path": args.video_path, "query": args.query}], top_k=args.top_k,
                                        model=model)[0]
-    print(format_inference_block(result))
+    print(format_inference_block(result, args.top_k or model.config.top_k))
     if args.output:
         _write_json(args.output, [result])
     return 0 if result["status"] == "success" else 1
@@ -278,6 +278,10 @@ def run_demo(args: argparse.Namespace) -> int:
     model = create_unified_model(spec=spec, device=args.device, clip_state_dict=state, merge_lora=True)
 
     with tempfile.TemporaryDirectory(prefix="unified_demo_") as tmp:
+        def shown(text: str) -> str:  # the folder is deleted at the end: name files relative to it
+            return text.replace(tmp + os.sep, "").replace(tmp, "the demo folder")
+
+        print("Demo: working in a temporary folder (deleted when the demo ends)")
         videos = os.path.join(tmp, "videos")
         os.makedirs(videos)
         shapes = {
@@ -286,19 +290,19 @@ def run_demo(args: argparse.Namespace) -> int:
         }
         for name, shape in shapes.items():
             write_moving_shapes_video(os.path.join(videos, name), 45, fps=15, size=(160, 120), shapes=[shape])
-        print(f"Demo: wrote {len(shapes)} videos (3 s, 160x120, 15 fps) to {videos}")
+        print(f"Demo: wrote {len(shapes)} videos (3 s, 160x120, 15 fps) to {shown(videos)}/")
 
         embeddings = os.path.join(tmp, "embeddings")
         extracted = extract_directory_embeddings(videos, embeddings, save_format="both", consolidated=True,
                                                  model=model, num_workers=0, progress=False)
-        print(f"Demo: extracted {extracted['processed']} video embeddings to {embeddings} "
+        print(f"Demo: extracted {extracted['processed']} video embeddings to {shown(embeddings)}/ "
               f"({extracted['failed']} failed)")
 
         video = os.path.join(videos, "red_circle_left_to_right.mp4")
         result = batch_retrieve_events([{"video_path": video, "query": DEMO_QUERY}], top_k=args.top_k, model=model)[0]
-        print(format_inference_block(result))
+        print(shown(format_inference_block(result, args.top_k or model.config.top_k)))
         search = search_embeddings(model, embeddings, DEMO_QUERY, top_k=args.top_k)
-        print(format_search_block(search))
+        print(shown(format_search_block(search)))
         if args.output:
             _write_json(args.output, {"retrieval": result, "search": search})
     ok = result["status"] == "success" and extracted["failed"] == 0

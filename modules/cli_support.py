@@ -10,11 +10,12 @@ before importing torch, so a typo is answered in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from modules.errors import error_line
 
@@ -69,12 +70,25 @@ def _usage_error_types() -> tuple:
     return tuple(types)
 
 
-def run_cli(job: Callable[[], int], interrupted_hint: str = "") -> int:
-    """Run ``job`` and turn expected failures into a one-line message and an exit code."""
+def run_cli(job: Callable[[], int], interrupted_hint: Union[str, Callable[[], str]] = "") -> int:
+    """Run ``job`` and turn expected failures into a one-line message and an exit code.
+
+    Log records go through tqdm's writer while the job runs, so a line logged under a
+    progress bar starts on its own line instead of being glued to the bar.
+    ``interrupted_hint`` (text, or a function asked at Ctrl-C time) follows "interrupted: ".
+    """
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    for stream in (sys.stdout, sys.stderr):
+        # a non-UTF-8 file name (a lone surrogate after decoding) prints as \udcXX, never crashes
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
     try:
-        return job()
+        with logging_redirect_tqdm():
+            return job()
     except KeyboardInterrupt:
-        print("interrupted" + (f": {interrupted_hint}" if interrupted_hint else ""), file=sys.stderr)
+        hint = interrupted_hint() if callable(interrupted_hint) else interrupted_hint
+        print("interrupted" + (f": {hint}" if hint else ""), file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - classified below, bugs re-raised
         if isinstance(err, _usage_error_types()):

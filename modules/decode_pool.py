@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -215,19 +216,37 @@ class PoolRun:
             return item, self.fn(*item)
         while not self.ready:
             self._fill()
+            if self.ready:  # results kept from a pool that broke while filling
+                break
             if not self.in_flight:
                 self.close()
                 raise StopIteration
             self._wait()
         return self.ready.popleft()
 
-    def _submit(self, item: Tuple[Any, ...]) -> None:
-        self.in_flight[self.executor.submit(self.fn, *item)] = item
+    def _submit(self, item: Tuple[Any, ...]) -> bool:
+        """Queue ``item``; False when the pool turned out broken (then it is recovered)."""
+        try:
+            self.in_flight[self.executor.submit(self.fn, *item)] = item
+        except BrokenProcessPool:
+            # a worker died while the caller was busy with earlier results: nothing ran
+            # this item; the caller puts it back and fills the new pool
+            self._recover()
+            return False
+        return True
 
     def _fill(self) -> None:
+        while not self._fill_once():
+            pass
+
+    def _fill_once(self) -> bool:
+        """Submit what the rules allow; False if the pool broke and filling must restart."""
         if self.suspects or self.isolating:
             if not self.in_flight and self.suspects:
-                self._submit(self.suspects.popleft())
+                item = self.suspects.popleft()
+                if not self._submit(item):
+                    self.suspects.appendleft(item)
+                    return False
                 self.isolating = True
             elif not self.in_flight:
                 self.isolating = False
@@ -237,21 +256,32 @@ class PoolRun:
                 if item is None:
                     self.exhausted = True
                     break
-                self._submit(item)
+                if not self._submit(item):
+                    self.items = itertools.chain([item], self.items)
+                    return False
+        return True
 
     def _wait(self) -> None:
         done, _ = concurrent.futures.wait(self.in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-        broken = False
+        if not self._harvest(done):
+            self._recover()
+
+    def _harvest(self, done) -> bool:
+        """Move finished futures' results to ``ready``; False if one reports a broken pool."""
+        intact = True
         for future in done:
             try:
                 result = future.result()
             except BrokenProcessPool:
-                broken = True
+                intact = False
                 continue
             self.pool.succeeded = True
             self.ready.append((self.in_flight.pop(future), result))
-        if not broken:
-            return
+        return intact
+
+    def _recover(self) -> None:
+        """After a worker died: keep finished results, replace the pool, retry or give up on the rest."""
+        self._harvest([f for f in self.in_flight if f.done()])
         pool = self.pool
         pool.crashes += 1
         lost = list(self.in_flight.values())
@@ -266,7 +296,7 @@ class PoolRun:
         if self.isolating:  # it crashed a worker on its own: give up on it
             self.isolating = False
             self.ready.extend((item, self.on_crash(item)) for item in lost)
-        else:
+        elif lost:
             logger.warning("a decode worker died; retrying %d videos one at a time", len(lost))
             self.suspects.extend(lost)
 

@@ -37,7 +37,7 @@ from modules.decode_pool import DecodedVideo, decode_stream, default_num_workers
 from modules.device_feed import MAX_DEVICE_BATCH, DeviceFeeder, DeviceLane, default_device_workers, device_batch_size
 from modules.distributed import DistEnv, barrier, cleanup_distributed, init_distributed, listing_signature, \
     publish_share, read_shares
-from modules.errors import one_line
+from modules.errors import one_line, printable
 from modules.forward_lanes import ForwardLanes, default_parallel_batches, encode_batch, lane_threads
 from modules.video_listing import VideoEntry, list_videos, parse_extensions, shard_entries
 from modules.writers import SAVE_FORMATS, OutputFilesWriter, RunReport, VideoResult, Writer, result_counts
@@ -180,10 +180,12 @@ def extract_directory_embeddings(
 
 def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     """List, place this process, read the model inputs, prepare the writers, find the work."""
-    from unified_model import load_model_spec
+    from unified_model import join_fingerprint, load_model_spec, spec_fingerprint
 
     start = time.perf_counter()
     video_dir, output_dir = os.fspath(options.video_dir), os.fspath(options.output_dir)
+    if not output_dir:
+        raise UsageError("the output folder is an empty string")
     exts = parse_extensions(options.extensions)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"output path exists and is not a directory: {output_dir}")
@@ -207,9 +209,11 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     if not entries:
         logger.warning("no video files (%s) in %s%s", " ".join(exts), video_dir,
                        "" if options.recursive else " (not recursive)")
+    parts = model.fingerprint_parts if model is not None else spec_fingerprint(spec)
     writers = [OutputFilesWriter(output_dir, options.save_format, options.save_frame_features, options.consolidated,
                                  options.summary, options.overwrite), *options.writers]
     for writer in writers:
+        writer.bind_model(join_fingerprint(parts), parts)
         writer.prepare(entries, cleanup=env.world_size == 1)
     mine = shard_entries(entries, env.rank, env.world_size)
     records: Dict[str, VideoResult] = {}
@@ -217,7 +221,7 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     for entry in mine:
         if entry.problem is not None:
             records[entry.name] = VideoResult.of(entry, "failed", entry.problem, 0.0)
-            logger.warning("%s: %s", entry.path, one_line(entry.problem))
+            logger.warning("%s: %s", printable(entry.path), one_line(entry.problem))
         elif all(w.is_done(entry) for w in writers):
             records[entry.name] = VideoResult.of(entry, "skipped")
         else:
@@ -243,6 +247,8 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
         "checkpoint": None if spec is None else spec.checkpoint,
         "clip_weights": config.clip_weights,
         "config": config.to_dict(),
+        "fingerprint": join_fingerprint(parts),
+        "fingerprint_parts": parts,
     }
     return plan
 
@@ -272,7 +278,7 @@ class _Tally:
                                                      result.seconds)
         if result.status == "failed":
             self.failed += 1
-            logger.warning("%s: %s", result.video_path, result.error)
+            logger.warning("%s: %s", printable(result.video_path), result.error)
             self.bar.set_postfix(failed=self.failed, refresh=False)
         self.bar.update(1)
 

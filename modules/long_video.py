@@ -41,6 +41,7 @@ import torch
 
 from modules.video_sampler import normalize_uint8
 from modules.window_sampler import SampledWindow, WindowStream, check_window_args, iter_windows
+from modules.writers import WINDOWS_SUFFIX  # per-video window table, named by the writer
 
 __all__ = [
     "AUTO_WINDOW_THRESHOLD",
@@ -64,8 +65,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, os.PathLike]
 
-#: per-video window table file written next to ``<name>_embedding.npy``
-WINDOWS_SUFFIX = "_windows.npz"
 #: videos longer than this (seconds) are windowed when ``window_seconds`` is None
 AUTO_WINDOW_THRESHOLD = 600.0
 #: window length (seconds) of the automatic rule: 12 groups of 2.5 s each

@@ -229,7 +229,7 @@ def profile(model, clip_model, preprocess, videos: Sequence[Path], batch_size: i
 def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Sequence[str] = ("fp32",),
             baseline_precision: str = "fp32", batch_size=None, num_workers=None, parallel_batches=None,
             with_profile: bool = True, state: Optional[Dict[str, torch.Tensor]] = None,
-            config: Optional[Dict] = None, baselines: bool = True) -> Dict:
+            config: Optional[Dict] = None, baselines: bool = True, models: Optional[Dict] = None) -> Dict:
     """Time our pipeline at each precision and the open_clip baselines on the same videos.
 
     ``state``: OpenAI-layout CLIP tensors shared by every pipeline (default: random
@@ -238,7 +238,8 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     ("<precision>" -> per-video cosine against the first precision's embeddings), the
     model stage's wait share per precision (CUDA only: the share of its time the model
     waited for decoded input), the profile and the settings used. ``baselines=False``
-    times only our precisions (no baseline rows, no profile).
+    times only our precisions (no baseline rows, no profile). ``models``: already built
+    models of ours by precision (built here when missing).
     """
     import open_clip
     from open_clip.model import build_model_from_openai_state_dict
@@ -259,14 +260,17 @@ def measure(work: Path, specs, runs: int, device: str = "cpu", precisions: Seque
     workers = num_workers if num_workers is not None else (default_num_workers() if on_cpu else default_device_workers())
     lanes = (default_parallel_batches() if parallel_batches is None else parallel_batches) if on_cpu else 1
     batch_size = (1 if on_cpu else None) if batch_size is None else batch_size  # None: the device rule
-    ours = {p: create_unified_model(config=from_dict({**config, "precision": p}), device=device, clip_state_dict=state,
-                                    merge_lora=True) for p in precisions}
+    ours = {p: (models or {}).get(p) or create_unified_model(config=from_dict({**config, "precision": p}), device=device,
+                                                             clip_state_dict=state, merge_lora=True)
+            for p in precisions}
     size = ours[precisions[0]].config.video_size
-    # open_clip's model from the same tensors (strict load), with its own preprocessing; the
-    # builder stores some weights in fp16, .float() keeps the baseline in float32 (autocast does the rest)
-    clip_model = build_model_from_openai_state_dict({k: v.clone() for k, v in state.items()}, quick_gelu=True,
-                                                    cast_dtype=None).float().to(target).eval()
-    preprocess = open_clip.image_transform(size, is_train=False)
+    clip_model = preprocess = None
+    if baselines:
+        # open_clip's model from the same tensors (strict load), with its own preprocessing; the builder
+        # stores some weights in fp16, .float() keeps the baseline in float32 (autocast does the rest)
+        clip_model = build_model_from_openai_state_dict({k: v.clone() for k, v in state.items()}, quick_gelu=True,
+                                                        cast_dtype=None).float().to(target).eval()
+        preprocess = open_clip.image_transform(size, is_train=False)
 
     # warm-up (first-call allocations, kernel selection, lazy imports), not timed
     for p in precisions:
@@ -343,11 +347,14 @@ def print_report(m: Dict, specs, device: str, baseline_precision: str, load: Tup
         print(f"| {label} | {med[key]:.2f} | {n / med[key]:.3f} | {ratio} | {', '.join(f'{t:.2f}' for t in m['times'][key])} |")
     if len(precisions) > 1:
         print()
-        print(f"| precision | speed vs {precisions[0]} (median wall ratio) | cosine vs {precisions[0]}: min | median |")
-        print("| --- | ---: | ---: | ---: |")
+        print(f"| precision | speed vs {precisions[0]} (ratio of median walls) | median of per-run ratios "
+              f"(runs alternate) | cosine vs {precisions[0]}: min | median |")
+        print("| --- | ---: | ---: | ---: | ---: |")
         for p in precisions:
             cos = m["cosines"][p]
-            print(f"| {p} | {med[ref] / med[f'ours/{p}']:.2f}x | {min(cos):.6f} | {statistics.median(cos):.6f} |")
+            paired = statistics.median(a / b for a, b in zip(m["times"][ref], m["times"][f"ours/{p}"]))
+            print(f"| {p} | {med[ref] / med[f'ours/{p}']:.2f}x | {paired:.2f}x | {min(cos):.6f} | "
+                  f"{statistics.median(cos):.6f} |")
     if any(m["wait_share"].values()):
         print()
         print("| precision | share of the model stage's time spent waiting for input (median of runs) |")

@@ -25,6 +25,7 @@ from rotting; its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import shutil
@@ -111,15 +112,20 @@ def step_sizing(args, ctx) -> str:
 
     model = ctx["build"]("fp16" if ctx["cuda"] else "fp32")
     shapes = ForwardShapes.of_model(model)
+    device = model.device
     del model
     per_video = device_bytes_per_video(shapes)
     if ctx["cuda"]:
-        free, total = torch.cuda.mem_get_info(model.device)
+        free, total = torch.cuda.mem_get_info(device)
     else:  # no device memory to ask: pretend a 16 GiB card to show the arithmetic
         free, total = 16 * 2**30, 16 * 2**30
     batch = choose_batch_size(free, per_video)
-    ctx["batch_size"] = batch
-    return (f"free {free / 2**30:.1f} of {total / 2**30:.1f} GiB; derived {activation_bytes_per_video(shapes) / 2**20:.1f}"
+    from config import UnifiedModelConfig
+
+    default = ForwardShapes.of_config(UnifiedModelConfig())
+    return (f"default config (ViT-B/32, 32 frames): {activation_bytes_per_video(default) / 2**20:.1f} MiB activations + "
+            f"{(device_bytes_per_video(default) - activation_bytes_per_video(default)) / 2**20:.1f} MiB upload per video; "
+            f"this model: free {free / 2**30:.1f} of {total / 2**30:.1f} GiB; derived {activation_bytes_per_video(shapes) / 2**20:.1f}"
             f" MiB activations + {(per_video - activation_bytes_per_video(shapes)) / 2**20:.1f} MiB upload per video"
             f" -> batch {batch}{'' if ctx['cuda'] else ' (dry run: 16 GiB assumed)'}")
 
@@ -137,7 +143,7 @@ def step_extraction(args, ctx) -> str:
         precisions, baseline = ("fp16",), "fp16"
     m = bench_extract.measure(ctx["work"] / "bench", specs, runs=args.runs, device=ctx["device"],
                               precisions=precisions, baseline_precision=baseline, with_profile=True,
-                              state=ctx["state"], config=ctx["config"])
+                              state=ctx["state"], config=ctx["config"], models=ctx["models"])
     n = len(m["videos"])
     ours = statistics.median(m["times"][f"ours/{precisions[0]}"])
     plain = statistics.median(m["times"]["plain"])
@@ -159,7 +165,7 @@ def step_extraction(args, ctx) -> str:
 
 
 def step_training(args, ctx) -> str:
-    from config import from_dict
+    from config import TrainingConfig, from_dict
     from modules.synthetic_data import generate_synthetic_dataset
     from modules.training import Trainer, small_config_dict
 
@@ -168,11 +174,16 @@ def step_training(args, ctx) -> str:
     generate_synthetic_dataset(str(data), num_videos=20, num_val=4, seed=0, size=(SMALL_SIZE, SMALL_SIZE),
                                num_frames=12)
 
+    fp16 = {}  # on CUDA amp means fp16 + GradScaler; on CPU it has to be asked for
+    if not ctx["cuda"]:
+        if "amp_dtype" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
+            raise _Skip("fp16 training on CPU needs the training.amp_dtype key")
+        fp16 = {"amp_dtype": "fp16"}
+
     def config(name: str):
         training = dict(datatype="synthetic", data_path=str(data), synthetic_num_videos=20, synthetic_val_videos=4,
                         seed=0, batch_size=4, num_epochs=2, num_workers=0, checkpoint_dir=str(work / name),
-                        amp=True, amp_dtype="fp16", tempme_lr=1e-3, stop_lr=1e-3, warmup_proportion=0.0,
-                        keep_checkpoints=0)
+                        amp=True, tempme_lr=1e-3, stop_lr=1e-3, warmup_proportion=0.0, keep_checkpoints=0, **fp16)
         cfg = from_dict({**small_config_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS, training=training),
                          "device": ctx["device"]})
         return cfg
@@ -249,11 +260,12 @@ STEPS: List[tuple] = [
 def _context(args, work: Path) -> Dict:
     from config import from_dict
     from modules.module_clip import random_state_dict
-    from modules.training import small_clip_state_dict, small_config_dict
+    from modules.clip_archs import small_arch
+    from modules.training import small_config_dict
     from unified_model import create_unified_model
 
     cuda = not args.dry_run
-    small_state = small_clip_state_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS, text_layers=SMALL_LAYERS)
+    small_state = random_state_dict(small_arch(SMALL_SIZE, vision_layers=SMALL_LAYERS, text_layers=SMALL_LAYERS))
     if args.dry_run:
         state = small_state
         config = {**small_config_dict(SMALL_SIZE, vision_layers=SMALL_LAYERS), "clip_weights": "random"}
@@ -262,12 +274,16 @@ def _context(args, work: Path) -> Dict:
         config = {"clip_weights": "random"}
     device = "cuda" if cuda else "cpu"
 
+    models: Dict[str, object] = {}
+
     def build(precision: str):
-        return create_unified_model(config=from_dict({**config, "precision": precision}), device=device,
-                                    clip_state_dict=state, merge_lora=True)
+        if precision not in models:
+            models[precision] = create_unified_model(config=from_dict({**config, "precision": precision}),
+                                                     device=device, clip_state_dict=state, merge_lora=True)
+        return models[precision]
 
     return {"cuda": cuda, "device": device, "work": work, "state": state, "config": config,
-            "small_state": small_state, "build": build}
+            "small_state": small_state, "build": build, "models": models}
 
 
 def card_name(dry_run: bool) -> str:

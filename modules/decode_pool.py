@@ -29,6 +29,7 @@ import torch
 from modules.atomic_io import pid_alive
 from modules.cli_support import UsageError
 from modules.errors import error_line, one_line
+from modules.long_video import video_window
 from modules.video_listing import check_video_file
 from modules.video_sampler import SampledVideo, VideoDecodeError, sample_video
 
@@ -53,6 +54,8 @@ class DecodedVideo:
     video: Optional[SampledVideo] = None
     error: Optional[str] = None
     seconds: float = 0.0
+    #: (W, S) for a long video: not sampled here, the model stage decodes it by windows
+    window: Optional[Tuple[float, float]] = None
 
     @property
     def ok(self) -> bool:
@@ -81,16 +84,22 @@ class DecodedVideo:
         self.__dict__.update(state)
 
 
-def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0) -> DecodedVideo:
+def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0,
+                 window_seconds: Optional[float] = 0.0, window_stride: Optional[float] = None) -> DecodedVideo:
     """Sample one video for the model; never raises (errors come back as ``error``).
 
     ``decoder_threads`` as in :func:`sample_video` (worker processes use 1).
+    ``window_seconds`` / ``window_stride`` as the config keys (0: never windows, None:
+    automatic): a video to be windowed comes back unsampled with ``window`` set.
     """
     start = time.perf_counter()
     try:
         problem = check_video_file(path)
         if problem is not None:
             return DecodedVideo(path=path, error=problem, seconds=time.perf_counter() - start)
+        window = video_window(path, window_seconds, window_stride)
+        if window is not None:
+            return DecodedVideo(path=path, window=window, seconds=time.perf_counter() - start)
         sampled = sample_video(path, num_segments=num_segments, size=size, decoder_threads=decoder_threads,
                                normalize=False)
         return DecodedVideo(path=path, video=sampled, seconds=time.perf_counter() - start)
@@ -303,15 +312,19 @@ def _decoder_crashed(item: Tuple[Any, ...]) -> DecodedVideo:
     return DecodedVideo(path=item[0], error="the decoder process crashed on this file")
 
 
-def decode_stream(paths: Iterable[str], config, num_workers: int, max_in_flight: Optional[int] = None) -> PoolRun:
+def decode_stream(paths: Iterable[str], config, num_workers: int, max_in_flight: Optional[int] = None,
+                  windows: bool = False) -> PoolRun:
     """Sample ``paths`` for a model with ``config`` in ``num_workers`` processes (0: inline).
 
     Yields ``(item, DecodedVideo)`` in completion order, ``item[0]`` the path; workers
     start at once and decode single-threaded. ``close()`` it when stopping early.
+    ``windows``: long videos (config.window_seconds / window_stride) come back unsampled
+    with ``DecodedVideo.window`` set, for the caller to encode by windows.
     """
     pool = DecodePool(num_workers, max_in_flight=max_in_flight, log_level=logging.getLogger().getEffectiveLevel())
+    window = (config.window_seconds, config.window_stride) if windows else (0.0, None)
     return pool.imap_unordered(
-        decode_video, ((p, config.num_segments, config.video_size, pool.decoder_threads) for p in paths),
+        decode_video, ((p, config.num_segments, config.video_size, pool.decoder_threads, *window) for p in paths),
         on_crash=_decoder_crashed,
     )
 

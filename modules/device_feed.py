@@ -89,6 +89,18 @@ class ForwardShapes:
     prompts: int = 0
 
     @classmethod
+    def of_config(cls, config) -> "ForwardShapes":
+        """The shapes a :class:`~config.UnifiedModelConfig` gives with its ``tempme.base_encoder``'s
+        published CLIP architecture (before any weights are loaded)."""
+        from modules.clip_archs import CLIP_ARCHS, canonical_arch_name
+
+        arch = CLIP_ARCHS[canonical_arch_name(config.tempme.base_encoder)]
+        grid = config.video_size // arch["vision_patch_size"]
+        return cls(frames=config.num_segments, size=config.video_size, tokens=grid * grid + 1,
+                   width=arch["vision_width"], groups=config.max_frames,
+                   prompts=config.stop.num_prompts if config.stop.temporal_prompt != "none" else 0)
+
+    @classmethod
     def of_model(cls, model) -> "ForwardShapes":
         """The shapes of an :class:`~unified_model.UnifiedTempMeSTOPModel`."""
         config = model.config

@@ -62,6 +62,12 @@ def test_activation_estimate_bounds_the_measured_peak(model):
     assert per_video <= estimate <= 2.0 * per_video
 
 
+def test_shapes_of_the_default_config():
+    from config import UnifiedModelConfig
+
+    assert ForwardShapes.of_config(UnifiedModelConfig()) == VIT_B32
+
+
 def test_vit_b32_numbers():
     # 32 x 3 x 224 x 224 input, 2 x 32 x 50 x 768, 3 x 12 x 54 x 3072, 2 x 12 x 54 x 768 floats, x 1.25
     elements = 4_816_896 + 2_457_600 + 5_971_968 + 995_328

@@ -128,6 +128,8 @@ def test_demo_without_weights_uses_random_and_says_so(tmp_path):
     assert "INFERENCE RESULTS" in out and "Number of frames: 2" in out
     assert "SEARCH RESULTS" in out and "2 videos, from embeddings.npy + embeddings_index.json" in out
     assert "Demo finished: every stage ran." in out
+    # it deletes its folder at the end, so it prints no path into it (failed before: /tmp/unified_demo_...)
+    assert "unified_demo_" not in out and "Demo: wrote 2 videos (3 s, 160x120, 15 fps) to videos/" in out
 
 
 def test_non_utf8_names_and_lone_surrogate_queries_still_write_results(tmp_path, config):

@@ -316,3 +316,26 @@ def test_torchrun_two_cpu_processes(tmp_path, config):
     ranks = {rec["name"]: s.name for s in shards for rec in json.loads(s.read_text())["records"]}
     assert ranks["clip0"] != ranks["clip1"]
     assert np.abs(np.load(out / "clip0_embedding.npy") - np.load(out / "clip1_embedding.npy")).max() < 1e-5
+
+
+def test_a_tampered_checkpoint_file_fails_every_video(tmp_path, config):
+    """A checkpoint on disk with one tensor set to 1e30 (finite, so load accepts it) gives NaN
+    embeddings: every video is failed with the reason, nothing is written, exit 1 (issue 10.7)."""
+    import torch
+
+    from config import from_json
+    from unified_model import create_unified_model
+
+    videos = tmp_path / "videos"
+    for i in range(2):
+        _clip(videos / f"n{i}.mp4")
+    payload = create_unified_model(config=from_json(config), device="cpu").checkpoint_payload()
+    payload["trainable"]["tempme.clip_pos.0"] = torch.full_like(payload["trainable"]["tempme.clip_pos.0"], 1e30)
+    torch.save(payload, tmp_path / "huge.pth")
+    proc = run_script(SCRIPT, ["--video_dir", videos, "--output_dir", tmp_path / "out", "--config_path", config,
+                               "--checkpoint", tmp_path / "huge.pth", "--summary"])
+    no_traceback(proc)
+    assert proc.returncode == 1, describe(proc)
+    assert "0 videos, 2 failed" in proc.stdout + proc.stderr, describe(proc)
+    assert len(re.findall(r"FAILED .*non-finite", proc.stdout + proc.stderr)) == 2, describe(proc)
+    assert not list((tmp_path / "out").glob("*_embedding.*"))

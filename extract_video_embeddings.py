@@ -35,6 +35,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from modules.cli_support import (DEFAULT_EXTENSIONS, HelpFormatter, add_logging_arguments, add_model_arguments,
+                                     add_window_arguments,
                                      int_at_least)
 
     parser = argparse.ArgumentParser(
@@ -65,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute videos whose outputs already exist (default: off, they are skipped: a rerun resumes)")
 
     add_model_arguments(parser)
+    add_window_arguments(parser)
 
     speed = parser.add_argument_group("speed and scale-out")
     speed.add_argument("--batch_size", type=int_at_least(1), default=None,
@@ -87,13 +89,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from modules.cli_support import check_config_file, check_dir, run_cli, setup_logging
+    from modules.cli_support import UsageError, check_config_file, check_dir, run_cli, setup_logging
 
     setup_logging(args.verbose, args.quiet)
 
     def job() -> int:
         # cheap checks first: a typo is answered before torch is even imported
         check_dir(args.video_dir, "video directory")
+        if not args.output_dir:
+            raise UsageError("--output_dir is empty")
         check_config_file(args.config_path)
 
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -110,6 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 overwrite=args.overwrite, save_frame_features=args.save_frame_features,
                 shard=args.shard, num_shards=args.num_shards, progress=not args.quiet,
                 writers=_library_writers(args),
+                window_seconds=args.window_seconds, window_stride=args.window_stride,
             )
         _print_result(result, args)
         if args.index and (result.get("num_shards", 1) == 1 or "global" in result):
@@ -138,7 +143,9 @@ def _print_library(args: argparse.Namespace) -> None:
 
 
 def _print_result(result: dict, args: argparse.Namespace) -> None:
-    """The CLI's result lines (stdout)."""
+    """The CLI's result lines (stdout): one line per failure, whatever the file names hold."""
+    from modules.errors import printable
+
     prefix = f"[shard {result['shard']}/{result['num_shards']}] " if result.get("num_shards", 1) > 1 else ""
     rate = result["videos_per_second"]
     print(f"{prefix}Embedded {result['processed']} videos, {result['failed']} failed, {result['skipped']} skipped "
@@ -146,7 +153,7 @@ def _print_result(result: dict, args: argparse.Namespace) -> None:
           + (f" ({rate:.2f} videos/s)" if rate else "") + f"; outputs in {result['output_dir']}")
     errors = result["errors"]
     for err in errors[:20]:
-        print(f"{prefix}FAILED {err['video_path']}: {err['error']}")
+        print(f"{prefix}FAILED {printable(err['video_path'])}: {printable(err['error'])}")
     if len(errors) > 20:
         print(f"{prefix}... and {len(errors) - 20} more failures" + ("" if args.summary else " (use --summary to list them all)"))
     total = result.get("global")

@@ -44,7 +44,8 @@ def __getattr__(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modules.cli_support import HelpFormatter, add_logging_arguments, add_model_arguments, int_at_least
+    from modules.cli_support import HelpFormatter, add_logging_arguments, add_model_arguments, \
+        add_window_arguments, int_at_least
 
     parser = argparse.ArgumentParser(
         prog="inference.py", description=__doc__.split("\n\n", 1)[0],
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--query", action="append", default=None,
                       help="text describing the moment (or, with --embeddings_dir, the video); with --embeddings_dir "
                            "it may be given several times (one model load for all)")
+    mode.add_argument("--library", default=None,
+                      help="with --video_path: a video library (or an extraction folder with one) that holds the "
+                           "video's segments: moments are scored from it without decoding the video")
     mode.add_argument("--top_k", type=int_at_least(1), default=None,
                       help="frames to return (videos with --embeddings_dir) (default: the config's top_k, 5)")
     mode.add_argument("--batch_file", default=None,
@@ -81,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="write two small videos to a temporary folder and run extraction, retrieval and search "
                            "on them (random CLIP weights when no real ones are available offline, and it says so)")
 
+    add_window_arguments(parser)
     model = add_model_arguments(parser)
     model.add_argument("--num_workers", type=int_at_least(0), default=0,
                        help="decode worker processes for --batch_file (0 = decode in the main process)")
@@ -112,6 +117,8 @@ def _check_mode(parser: argparse.ArgumentParser, args: argparse.Namespace) -> st
         if not queries and args.image is None:
             parser.error("--embeddings_dir needs --query (or --image, --index, --serve)")
         return mode
+    if args.library is not None and mode != "video_path":
+        parser.error("--library is used with --video_path")
     if mode == "video_path" and len(queries) != 1:
         parser.error("--video_path needs one --query")
     if mode in ("batch_file", "demo") and queries:
@@ -162,12 +169,20 @@ def _write_json(path: str, obj) -> None:
 
 
 def run_single(args: argparse.Namespace) -> int:
+    from modules.long_video import retrieve_moments, video_window
     from modules.retrieval import batch_retrieve_events, format_inference_block
 
     model = _model(args)
-    result = batch_retrieve_events([{"video_path": args.video_path, "query": args.query}], top_k=args.top_k,
-                                   model=model)[0]
-    print(format_inference_block(result))
+    seconds = model.config.window_seconds if args.window_seconds is None else args.window_seconds
+    stride = model.config.window_stride if args.window_seconds is None else args.window_stride
+    window = video_window(args.video_path, seconds, stride)
+    if window is not None or args.library is not None:
+        # the whole timeline: windows from the library, else decoded here in one pass
+        result = retrieve_moments(model, args.video_path, args.query, args.top_k, window, args.library)
+    else:
+        result = batch_retrieve_events([{"video_path": args.video_path, "query": args.query}], top_k=args.top_k,
+                                       model=model)[0]
+    print(format_inference_block(result, args.top_k or model.config.top_k))
     if args.output:
         _write_json(args.output, [result])
     return 0 if result["status"] == "success" else 1
@@ -263,6 +278,10 @@ def run_demo(args: argparse.Namespace) -> int:
     model = create_unified_model(spec=spec, device=args.device, clip_state_dict=state, merge_lora=True)
 
     with tempfile.TemporaryDirectory(prefix="unified_demo_") as tmp:
+        def shown(text: str) -> str:  # the folder is deleted at the end: name files relative to it
+            return text.replace(tmp + os.sep, "").replace(tmp, "the demo folder")
+
+        print("Demo: working in a temporary folder (deleted when the demo ends)")
         videos = os.path.join(tmp, "videos")
         os.makedirs(videos)
         shapes = {
@@ -271,19 +290,19 @@ def run_demo(args: argparse.Namespace) -> int:
         }
         for name, shape in shapes.items():
             write_moving_shapes_video(os.path.join(videos, name), 45, fps=15, size=(160, 120), shapes=[shape])
-        print(f"Demo: wrote {len(shapes)} videos (3 s, 160x120, 15 fps) to {videos}")
+        print(f"Demo: wrote {len(shapes)} videos (3 s, 160x120, 15 fps) to {shown(videos)}/")
 
         embeddings = os.path.join(tmp, "embeddings")
         extracted = extract_directory_embeddings(videos, embeddings, save_format="both", consolidated=True,
                                                  model=model, num_workers=0, progress=False)
-        print(f"Demo: extracted {extracted['processed']} video embeddings to {embeddings} "
+        print(f"Demo: extracted {extracted['processed']} video embeddings to {shown(embeddings)}/ "
               f"({extracted['failed']} failed)")
 
         video = os.path.join(videos, "red_circle_left_to_right.mp4")
         result = batch_retrieve_events([{"video_path": video, "query": DEMO_QUERY}], top_k=args.top_k, model=model)[0]
-        print(format_inference_block(result))
+        print(shown(format_inference_block(result, args.top_k or model.config.top_k)))
         search = search_embeddings(model, embeddings, DEMO_QUERY, top_k=args.top_k)
-        print(format_search_block(search))
+        print(shown(format_search_block(search)))
         if args.output:
             _write_json(args.output, {"retrieval": result, "search": search})
     ok = result["status"] == "success" and extracted["failed"] == 0

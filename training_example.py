@@ -12,12 +12,12 @@ equivalent train_unified_model.py command (its config is written next to the res
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Callable, List, Optional
 
 from config import TRAINING_MODES
+from modules.cli_support import HelpFormatter, int_at_least, run_cli, setup_logging
 
 MODE_HELP = {
     "joint": "train TempMe (LoRA, clip positions) and STOP (prompts, head) together",
@@ -28,22 +28,21 @@ MODE_HELP = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--mode", choices=TRAINING_MODES, default=None, help="skip the mode question")
     p.add_argument("--non_interactive", "--yes", dest="non_interactive", action="store_true",
                    help="ask nothing; use --mode (default joint) and the other flags")
     p.add_argument("--output_dir", default=os.path.join("runs", "training_example"),
                    help="data, config, checkpoints and TensorBoard logs go here")
-    p.add_argument("--epochs", type=int, default=6)
-    p.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--epochs", type=int_at_least(1), default=6, help="epochs (asked for unless --non_interactive)")
+    p.add_argument("--max_steps", type=int_at_least(1), default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch_size", type=int_at_least(1), default=16, help="clips per optimizer step")
     p.add_argument("--num_videos", type=int, default=190, help="synthetic clips in total")
     p.add_argument("--num_val", type=int, default=30, help="of which held out for validation")
     p.add_argument("--size", type=int, default=64, help="frame size of the small CLIP (multiple of 16)")
     p.add_argument("--clip_weights", default=None,
                    help="real CLIP weights (file or 'ViT-B/32') instead of the small random CLIP: slow on CPU")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
     return p
 
@@ -70,62 +69,63 @@ def choose_mode(ask: Callable[[str], str] = input) -> str:
         print(f"  '{answer}' is not one of 1-{len(TRAINING_MODES)} or {', '.join(TRAINING_MODES)}")
 
 
+def ask_epochs(default: int, ask: Callable[[str], str] = input) -> int:
+    """Ask for the number of epochs until the answer is a whole number >= 1."""
+    while True:
+        answer = _ask("Epochs", str(default), ask)
+        if answer.isdigit() and int(answer) >= 1:
+            return int(answer)
+        print(f"  '{answer}' is not a whole number of epochs (1 or more)")
+
+
 def main(argv: Optional[List[str]] = None, ask: Callable[[str], str] = input) -> int:
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose=False, quiet=args.quiet)
+    return run_cli(lambda: _run(args, ask))
+
+
+def _run(args: argparse.Namespace, ask: Callable[[str], str]) -> int:
     import torch
 
-    from config import ConfigError, from_dict
+    from config import from_dict
     from modules.metrics import format_metrics
-    from modules.clip_weights import WeightsError
     from modules.clip_archs import small_arch
     from modules.module_clip import random_state_dict
     from modules.training import Trainer, small_config_dict
-    from unified_model import CheckpointError
 
     print("Unified TempMe-STOP training example (synthetic clips of moving coloured shapes)\n")
     mode = args.mode or ("joint" if args.non_interactive else choose_mode(ask))
     epochs = args.epochs
     if not args.non_interactive:
-        epochs = int(_ask("Epochs", str(epochs), ask))
+        epochs = ask_epochs(epochs, ask)
     out = os.path.abspath(args.output_dir)
     training = dict(training_mode=mode, datatype="synthetic", data_path=os.path.join(out, "data"),
                     synthetic_num_videos=args.num_videos, synthetic_val_videos=args.num_val, batch_size=args.batch_size,
-                    num_epochs=epochs, sequential_split=epochs // 2, tempme_lr=1e-3, stop_lr=1e-3,
+                    num_epochs=epochs, tempme_lr=1e-3, stop_lr=1e-3,
                     weight_decay=0.2, warmup_proportion=0.1, amp=True, num_workers=1, log_every=5,
                     checkpoint_dir=os.path.join(out, "checkpoints"), max_steps=args.max_steps,
                     train_backbone=args.clip_weights is None)
-    try:
-        if args.clip_weights is None:
-            data = small_config_dict(args.size, vision_layers=4, training=training)
-            data["stop"]["prompt_dim"] = 16  # the temporal prompter's 3-D convolutions dominate CPU time
-            clip_file = os.path.join(out, f"small_clip_{args.size}px.pt")
-            os.makedirs(out, exist_ok=True)
-            if not os.path.isfile(clip_file):
-                torch.save(random_state_dict(small_arch(args.size)), clip_file)
-            data["clip_weights"] = clip_file
-            training["backbone_lr"] = 1e-3  # a random CLIP has to learn from scratch
-        else:
-            data = {"max_frames": 12, "num_segments": 12, "clip_weights": args.clip_weights, "training": training}
-        data["device"] = args.device
-        config = from_dict(data)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    os.makedirs(out, exist_ok=True)
+    if args.clip_weights is None:
+        data = small_config_dict(args.size, vision_layers=4, training=training)
+        data["stop"]["prompt_dim"] = 16  # the temporal prompter's 3-D convolutions dominate CPU time
+        clip_file = os.path.join(out, f"small_clip_{args.size}px.pt")
+        if not os.path.isfile(clip_file):
+            torch.save(random_state_dict(small_arch(args.size)), clip_file)
+        data["clip_weights"] = clip_file
+        training["backbone_lr"] = 1e-3  # a random CLIP has to learn from scratch
+    else:
+        data = {"max_frames": 12, "num_segments": 12, "clip_weights": args.clip_weights, "training": training}
+    data["device"] = args.device
+    config = from_dict(data)
     config_path = os.path.join(out, "config.json")
     config.to_json(config_path)
 
     print(f"\nmode {mode}: {MODE_HELP[mode]}")
     print(f"data, checkpoints and logs: {out}\n")
-    try:
-        trainer = Trainer(config, mode, progress=not args.quiet)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (WeightsError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    # a rerun of the example starts afresh: its folder holds only what an earlier run wrote
+    trainer = Trainer(config, mode, progress=not args.quiet, overwrite=True)
     try:
         before = trainer.evaluate()
         summary = trainer.train()

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ConfigError, UnifiedModelConfig, from_dict, from_json
+from config import ConfigError, UnifiedModelConfig, effective_precision, from_dict, from_json
 from modules.atomic_io import atomic_write
 from modules.frame_compression import compress_frames
 from modules.heads import build_head
@@ -34,7 +37,7 @@ from modules.clip_weights import (TEMPME_PREFIX, ClipWeights, WeightsError, chec
                                   first_non_finite, resolve_clip_weights)
 from modules.module_clip import build_model
 from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
-from modules.tempme_encoder import MergeSchedule, PromptInputs, TempMeEncoder
+from modules.tempme_encoder import PromptInputs, TempMeEncoder
 from modules.tokenization_clip import tokenize_for_model
 from modules.video_sampler import SampledVideo, sample_video
 
@@ -56,6 +59,9 @@ __all__ = [
     "GroupSpans",
     "group_spans",
     "CHECKPOINT_FORMAT_VERSION",
+    "model_fingerprint",
+    "spec_fingerprint",
+    "join_fingerprint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -133,9 +139,16 @@ class UnifiedTempMeSTOPModel(nn.Module):
     """CLIP ViT with TempMe merging + LoRA and STOP prompts, and a meanP/seqTransf head."""
 
     def __init__(self, config: UnifiedModelConfig,
-                 clip_state_dict: Union[Dict[str, torch.Tensor], ClipWeights, None] = None, init_seed: int = 0):
+                 clip_state_dict: Union[Dict[str, torch.Tensor], ClipWeights, None] = None, init_seed: int = 0,
+                 weights_identity: Optional[str] = None):
         super().__init__()
         self.config = config
+        # weights_identity: the first part of the fingerprint (clip_weights_identity); weights
+        # handed over in memory without one are identified by the model's own copy when first asked
+        if weights_identity is None and clip_state_dict is None:
+            weights_identity = clip_weights_identity(config)
+        self._weights_identity = weights_identity
+        self._checkpoint_digest = "untrained"
         if clip_state_dict is None:
             clip_state_dict = resolve_clip_weights(config.clip_weights, base_name=config.tempme.base_encoder)
         if isinstance(clip_state_dict, ClipWeights):
@@ -162,11 +175,7 @@ class UnifiedTempMeSTOPModel(nn.Module):
         depth = len(visual.transformer.resblocks)
         grid = visual.grid_size
         lora_dim = config.tempme.lora_dim
-        schedule = MergeSchedule.from_config(config.tempme)
-        try:
-            self.tempme = TempMeEncoder(width, depth, config.max_frames, schedule, lora_dim)
-        except ValueError as err:
-            raise ConfigError("tempme.merge_layer", str(err)) from None
+        self.tempme = TempMeEncoder(width, depth, config.max_frames, config.tempme.schedule, lora_dim)
         text_width = self.clip.ln_final.weight.shape[0]
         text_depth = len(self.clip.transformer.resblocks)
         self.text_lora = (
@@ -297,12 +306,25 @@ class UnifiedTempMeSTOPModel(nn.Module):
     def merge_lora(self) -> None:
         """Fold vision and text LoRA into CLIP's qkv weights and remove the adapters
         (inference only; same outputs, one matmul less per block)."""
+        _ = self.fingerprint_parts  # identify the weights before they are folded
         folded = self.tempme.merge_lora(self.clip.visual)
         if self.text_lora is not None:
             merge_lora_weights((b.attn for b in self.clip.transformer.resblocks), self.text_lora)
             self.text_lora = None
             folded = True
         self._lora_folded = self._lora_folded or folded
+
+    @property
+    def fingerprint_parts(self) -> Dict[str, str]:
+        """What the numbers depend on: weights identity, trained tensors, config (model_fingerprint)."""
+        if self._weights_identity is None:
+            self._weights_identity = "tensors:" + tensors_digest(self.clip.state_dict())
+        return fingerprint_parts_of(self.config, self._weights_identity, self._checkpoint_digest)
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`model_fingerprint` of this model."""
+        return model_fingerprint(self)
 
     @property
     def lora_merged(self) -> bool:
@@ -377,12 +399,91 @@ class UnifiedTempMeSTOPModel(nn.Module):
                 if own[name].shape != tensor.shape:
                     raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}")
                 own[name].copy_(tensor)
+        self._checkpoint_digest = tensors_digest(state)
 
     def load_checkpoint(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
         """Load a checkpoint written by :meth:`save_checkpoint`; returns the whole payload."""
         payload = read_checkpoint(path)
         self.load_trainable_state(payload["trainable"], source=os.fspath(path))
         return payload
+
+
+# ------------------------------------------------------------------ model fingerprint
+#: config keys that do not change what the model computes (where it runs, how it is trained)
+_RUNTIME_KEYS = ("device", "training", "clip_weights", "top_k")
+
+
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors (names, dtypes, shapes and bytes, in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            digest.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _file_digest_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def clip_weights_identity(config: UnifiedModelConfig, clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> str:
+    """Which CLIP weights a model uses: "tensors:<sha256>" (weights in memory), "file:<sha256>"
+    (a weights file, by content), "random:<arch>" or "name:<model name>" (official weights,
+    pinned by their published sha256)."""
+    if clip_state_dict is not None:
+        return "tensors:" + tensors_digest(clip_state_dict)
+    value = config.clip_weights
+    if value is None:
+        return "name:" + config.tempme.base_encoder
+    if value == "random":
+        return "random:" + config.tempme.base_encoder
+    if os.path.isfile(value):
+        st = os.stat(value)
+        return "file:" + _file_digest_cached(os.path.realpath(value), st.st_size, st.st_mtime_ns)
+    return "name:" + value
+
+
+def fingerprint_parts_of(config: UnifiedModelConfig, weights: str, checkpoint: str) -> Dict[str, str]:
+    """The three parts of a model fingerprint: weights identity, trained tensors' digest
+    ("untrained" without a checkpoint), config (keys that change the numbers)."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_KEYS}
+    return {
+        "weights": weights,
+        "checkpoint": checkpoint,
+        "config": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+def join_fingerprint(parts: Dict[str, str]) -> str:
+    """One string for the parts: 32 hex digits of their sha256."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def model_fingerprint(model: "UnifiedTempMeSTOPModel") -> str:
+    """The identity of what a model computes: weights identity + checkpoint + config.
+
+    Two models with one fingerprint give the same embeddings (up to float rounding of the
+    device); it is stored with every embedding written (extraction outputs, the consolidated
+    index, the video library) and compared before outputs are reused or searched. It names
+    the inputs the model was built from (:func:`spec_fingerprint` gives the same string
+    without building it); tensors changed in place afterwards (training) are not tracked.
+    """
+    return join_fingerprint(model.fingerprint_parts)
+
+
+def spec_fingerprint(spec: "ModelSpec", clip_state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, str]:
+    """The fingerprint parts of the model ``create_unified_model(spec=spec)`` would build."""
+    checkpoint = "untrained" if spec.payload is None else tensors_digest(spec.payload["trainable"])
+    if clip_state_dict is None and spec.clip is not None:  # CLIP weights inside the checkpoint (TempMe's)
+        clip_state_dict = spec.clip.state_dict
+    return fingerprint_parts_of(spec.config, clip_weights_identity(spec.config, clip_state_dict), checkpoint)
 
 
 def group_time_span(members: Sequence[int], duration: float, num_sampled: int) -> Tuple[float, float]:
@@ -412,11 +513,13 @@ class GroupSpans:
 def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarray, torch.Tensor],
                 sampled: SampledVideo) -> GroupSpans:
     """The one rule from frame groups (positions 0..N-1 in the sampled frame list) to original
-    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration."""
+    frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration
+    (and num_frames: a one-frame video is one instant, so its groups span 0 s)."""
     indices = np.asarray(sampled.frame_indices, dtype=np.int64)
     times = np.asarray(sampled.timestamps, dtype=np.float64)
     reps = np.asarray(representatives, dtype=np.int64)
-    spans = [group_time_span(g, float(sampled.duration), len(indices)) for g in groups]
+    duration = 0.0 if getattr(sampled, "num_frames", None) == 1 else float(sampled.duration)
+    spans = [group_time_span(g, duration, len(indices)) for g in groups]
     return GroupSpans(
         frames=indices[reps],
         timestamps=times[reps],
@@ -582,6 +685,7 @@ def create_unified_model(
     clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
     merge_lora: bool = False,
     architecture_hint: str = _OWN_CONFIG_HINT,
+    force_precision: bool = False,
 ) -> UnifiedTempMeSTOPModel:
     """Build a ready-to-use model in eval mode: the one door into the model.
 
@@ -595,12 +699,20 @@ def create_unified_model(
     clip_state_dict: CLIP weights already in memory (instead of loading config.clip_weights).
     merge_lora: fold LoRA into the CLIP weights (inference: same outputs, less compute).
     architecture_hint: what a config/checkpoint architecture mismatch message adds.
+    force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a
+        warning, see :func:`config.effective_precision`).
     Raises ConfigError / WeightsError / CheckpointError / DeviceError (one line each).
     """
     if spec is None:
         spec = load_model_spec(config_path, checkpoint, clip_weights, config, architecture_hint=architecture_hint)
     target = resolve_model_device(device, spec.config)
-    model = UnifiedTempMeSTOPModel(spec.config, clip_state_dict if clip_state_dict is not None else spec.clip)
+    config = spec.config
+    precision = effective_precision(config.precision, target.type, force=force_precision)
+    if precision != config.precision:
+        config = dataclasses.replace(config, precision=precision)  # the caller's config stays as it was
+    identity = None if clip_state_dict is not None else spec_fingerprint(spec)["weights"]
+    model = UnifiedTempMeSTOPModel(config, clip_state_dict if clip_state_dict is not None else spec.clip,
+                                   weights_identity=identity)
     if spec.payload is not None:
         model.load_trainable_state(spec.payload["trainable"], source=spec.checkpoint)
     model = model.to(target).eval()

@@ -58,8 +58,17 @@ def video_path(cache_dir: Path, minutes: float) -> Path:
     return cache_dir / f"long_{seconds}s_{SIZE[0]}x{SIZE[1]}_{FPS}fps.mp4"
 
 
+#: videos longer than this are the 10-minute piece repeated (remuxed, not re-encoded)
+PIECE_MINUTES = 10.0
+
+
 def ensure_video(cache_dir: Path, minutes: float) -> Path:
-    """Generate the benchmark video once (written under a temporary name, then renamed)."""
+    """Generate the benchmark video once (written under a temporary name, then renamed).
+
+    Up to ``PIECE_MINUTES`` it is encoded frame by frame; a longer one repeats that piece
+    with shifted timestamps (packets copied, so decoding costs exactly what a file encoded
+    in one go would cost, and generation takes seconds instead of most of an hour).
+    """
     from bench_extract import _write_video
 
     path = video_path(cache_dir, minutes)
@@ -68,11 +77,40 @@ def ensure_video(cache_dir: Path, minutes: float) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".part.mp4")
     start = time.perf_counter()
-    logger.info("generating %s (once; about 1/8 of real time on 2 cores)", path)
-    _write_video(tmp, int(round(minutes * 60)), SIZE, FPS, seed=SEED)
+    if minutes > PIECE_MINUTES:
+        piece = ensure_video(cache_dir, PIECE_MINUTES)
+        copies = int(round(minutes / PIECE_MINUTES))
+        if abs(copies * PIECE_MINUTES - minutes) > 1e-6:
+            raise SystemExit(f"--minutes above {PIECE_MINUTES:g} must be a multiple of {PIECE_MINUTES:g}, got {minutes:g}")
+        logger.info("writing %s: the %g-minute piece %d times", path, PIECE_MINUTES, copies)
+        _repeat_video(piece, tmp, copies)
+    else:
+        logger.info("generating %s (once; about 1/8 of real time on 2 cores)", path)
+        _write_video(tmp, int(round(minutes * 60)), SIZE, FPS, seed=SEED)
     os.replace(tmp, path)
     logger.info("generated %s in %.0f s", path.name, time.perf_counter() - start)
     return path
+
+
+def _repeat_video(src: Path, dst: Path, copies: int) -> None:
+    """``src``'s video stream ``copies`` times in a row (packets remuxed, pts shifted)."""
+    import av
+
+    with av.open(str(src)) as first:
+        stream = first.streams.video[0]
+        span = max(p.pts + (p.duration or 0) for p in first.demux(stream) if p.pts is not None)
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        ins = inp.streams.video[0]
+        outs = out.add_stream_from_template(ins)
+        for k in range(copies):
+            inp.seek(0, stream=ins)
+            for packet in inp.demux(ins):
+                if packet.dts is None:
+                    continue
+                packet.pts += k * span
+                packet.dts += k * span
+                packet.stream = outs
+                out.mux(packet)
 
 
 # ----------------------------------------------------------------------------- child runs
@@ -109,10 +147,11 @@ def child_ours(video: str, window: float) -> Dict:
     import torch
 
     from config import UnifiedModelConfig
-    from modules.extraction import build_inference_model
     from modules.long_video import encode_long_video
+    from unified_model import create_unified_model
 
-    model = build_inference_model(UnifiedModelConfig(clip_weights="random"), device="cpu", clip_state_dict=_random_state())
+    model = create_unified_model(config=UnifiedModelConfig(clip_weights="random"), device="cpu",
+                                 clip_state_dict=_random_state(), merge_lora=True)
     with torch.inference_mode():  # warm-up: first-call allocations
         model.encode_videos(torch.zeros(1, 32, 3, 224, 224))
     _reset_peak_rss()
@@ -124,7 +163,7 @@ def child_ours(video: str, window: float) -> Dict:
             "decode_wait": table.stats["decode_wait_seconds"], "model": table.stats["model_seconds"]}
 
 
-def child_baseline(video: str, window: float) -> Dict:
+def child_baseline(video: str, window: float, max_minutes: float = 0.0) -> Dict:
     import av
     import numpy as np
     import open_clip
@@ -146,6 +185,8 @@ def child_baseline(video: str, window: float) -> Dict:
         total = stream.frames
         fps = float(stream.average_rate)
         plan = plan_windows(np.arange(total) / fps, total / fps, window, num_segments=32)
+        if max_minutes > 0:  # only the windows that start in the first max_minutes
+            plan = [w for w in plan if w.start_time < max_minutes * 60] or plan[:1]
         wanted = {int(t) for w in plan for t in w.targets}
         kept: Dict[int, np.ndarray] = {}
         k, embeddings, decoded = 0, [], 0
@@ -161,15 +202,18 @@ def child_baseline(video: str, window: float) -> Dict:
                 k += 1
                 floor = int(plan[k].targets[0]) if k < len(plan) else i + 1
                 kept = {t: f for t, f in kept.items() if t >= floor}
+            if k == len(plan):
+                break
     wall = time.perf_counter() - start
-    return {"wall": wall, "run_peak_rss_mib": _peak_rss_mib(), "windows": len(embeddings), "decoded": decoded, "total": total,
-            "duration": total / fps, "complete": len(embeddings) == len(plan)}
+    covered = plan[-1].end_time if plan else 0.0
+    return {"wall": wall, "run_peak_rss_mib": _peak_rss_mib(), "windows": len(embeddings), "decoded": decoded,
+            "total": total, "duration": covered, "complete": len(embeddings) == len(plan)}
 
 
-def run_child(kind: str, video: Path, window: float) -> Dict:
+def run_child(kind: str, video: Path, window: float, baseline_max_minutes: float = 0.0) -> Dict:
     """One timed run in a fresh process; adds its peak RSS (MiB)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", kind, "--_video", str(video),
-           "--window_seconds", str(window)]
+           "--window_seconds", str(window), "--baseline_max_minutes", str(baseline_max_minutes)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -191,6 +235,9 @@ def main(argv=None) -> int:
     parser.add_argument("--window_seconds", type=float, default=10.0, help="W")
     parser.add_argument("--runs", type=int, default=3, help="timed runs of each pipeline per video (alternating)")
     parser.add_argument("--baseline_runs", type=int, default=None, help="runs of the baseline (default: --runs)")
+    parser.add_argument("--baseline_max_minutes", type=float, default=0.0,
+                        help="the baseline encodes only the windows of the first N minutes (0 = all; its realtime "
+                             "factor is then over those minutes)")
     parser.add_argument("--cache_dir", default="/tmp/bench_long", help="generated videos are kept here")
     parser.add_argument("--_child", choices=("ours", "baseline"), help=argparse.SUPPRESS)
     parser.add_argument("--_video", help=argparse.SUPPRESS)
@@ -199,8 +246,10 @@ def main(argv=None) -> int:
     if args._child:
         for noisy in ("modules.module_clip", "root"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-        fn = child_ours if args._child == "ours" else child_baseline
-        print(json.dumps(fn(args._video, args.window_seconds)))
+        if args._child == "ours":
+            print(json.dumps(child_ours(args._video, args.window_seconds)))
+        else:
+            print(json.dumps(child_baseline(args._video, args.window_seconds, args.baseline_max_minutes)))
         return 0
 
     from bench_extract import machine_description
@@ -215,7 +264,7 @@ def main(argv=None) -> int:
         for r in range(max(args.runs, base_runs)):
             for kind, runs in (("ours", args.runs), ("baseline", base_runs)):
                 if r < runs:
-                    res = run_child(kind, video, args.window_seconds)
+                    res = run_child(kind, video, args.window_seconds, args.baseline_max_minutes)
                     results[video.name][kind].append(res)
                     logger.info("%s %s run %d: %.1f s, peak RSS %.0f MiB, load %.2f", video.name, kind, r + 1,
                                 res["wall"], res["peak_rss_mib"], os.getloadavg()[0])
@@ -228,8 +277,8 @@ def main(argv=None) -> int:
     print(f"Windows: {args.window_seconds:g} s, 32 frames sampled per window; random ViT-B/32 weights (seed 0), fp32")
     print()
     print("| video | pipeline | median wall (s) | realtime factor | peak RSS (MiB) | peak RSS in the run (MiB) "
-          "| frames decoded / total | windows | ours vs baseline | runs (s) |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "| frames decoded / total | windows | video seconds encoded | ours vs baseline (realtime factors) | runs (s) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for video in videos:
         rows = results[video.name]
         med = {k: statistics.median(r["wall"] for r in v) for k, v in rows.items() if v}
@@ -238,11 +287,15 @@ def main(argv=None) -> int:
             if not runs:
                 continue
             last = runs[-1]
-            ratio = f"**{med['baseline'] / med['ours']:.2f}x**" if kind == "ours" and "baseline" in med else ""
+            # ratio of realtime factors (the baseline may cover only the first minutes)
+            ratio = ""
+            if kind == "ours" and rows["baseline"]:
+                base_rt = rows["baseline"][-1]["duration"] / med["baseline"]
+                ratio = f"**{(last['duration'] / med['ours']) / base_rt:.2f}x**"
             label = "ours: encode_long_video" if kind == "ours" else "naive: PyAV every frame + CLIP per window"
             print(f"| {video.name} | {label} | {med[kind]:.1f} | {last['duration'] / med[kind]:.1f}x | "
                   f"{max(r['peak_rss_mib'] for r in runs):.0f} | {max(r['run_peak_rss_mib'] for r in runs):.0f} | {last['decoded']} / {last['total']} | "
-                  f"{last['windows']} | {ratio} | {', '.join('%.1f' % r['wall'] for r in runs)} |")
+                  f"{last['windows']} | {last['duration']:.0f} | {ratio} | {', '.join('%.1f' % r['wall'] for r in runs)} |")
     ours_runs = [r for v in results.values() for r in v["ours"]]
     if ours_runs:
         print()

@@ -68,7 +68,11 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], mo
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = temp_path(path)
     try:
-        with open(tmp, "x" + mode.replace("w", ""), **({} if "b" in mode else {"encoding": "utf-8"})) as fh:
+        # text: a lone surrogate (a non-UTF-8 file name, decoded with surrogateescape) is
+        # written as the six characters \udcXX, which inside a JSON string is exactly its
+        # escape: JSON outputs stay valid UTF-8 and read back to the same name
+        text = {"encoding": "utf-8", "errors": "backslashreplace"}
+        with open(tmp, "x" + mode.replace("w", ""), **({} if "b" in mode else text)) as fh:
             write(fh)
         os.replace(tmp, path)
     except BaseException:

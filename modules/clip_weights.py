@@ -384,7 +384,8 @@ def _load_folder(path: str) -> ClipWeights:
 def load_clip_weights(name_or_path: str, cache_dir: Optional[str] = None, download: bool = True) -> ClipWeights:
     """CLIP weights from an OpenAI name, ``open_clip:NAME/TAG``, a local file or a folder.
 
-    An OpenAI name uses the file in env ``UNIFIED_CLIP_WEIGHTS`` when set, otherwise the
+    An OpenAI name uses the file in env ``UNIFIED_CLIP_WEIGHTS`` when set (``random``: random
+    weights of that architecture, as ``clip_weights: random``), otherwise the
     official checkpoint, downloaded once into ``cache_dir`` (default env
     ``UNIFIED_CLIP_CACHE`` or ``~/.cache/clip``) and verified by sha256.
     """
@@ -395,6 +396,9 @@ def load_clip_weights(name_or_path: str, cache_dir: Optional[str] = None, downlo
     name = canonical_arch_name(name_or_path)
     if name in OPENAI_MODELS:
         override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
+        if override == "random":  # what --clip_weights random means, for the named architecture
+            logger.warning("random %s weights (UNIFIED_CLIP_WEIGHTS=random): embeddings are not semantic", name)
+            return ClipWeights(random_state_dict(name), None, f"random {name} weights", untrained=True)
         if override:
             path = os.path.expanduser(override)
             if not os.path.isfile(path):

@@ -207,10 +207,14 @@ def _pairs_to_split(name: str, pairs: List[Tuple[str, str]], resolve, where: str
     return RetrievalSplit(name, videos, captions, caption_video, list(missing))
 
 
+#: msrvtt's data_path when the config leaves it null (relative to the working directory)
+MSRVTT_DEFAULT_ROOT = os.path.join(".", "data", "msrvtt")
+
+
 def _msrvtt_paths(cfg: TrainingConfig) -> Dict[str, Tuple[str, Optional[str]]]:
-    """(key, path) of every file the msrvtt datatype reads; path None when unresolvable."""
+    """(key, path) of every file the msrvtt datatype reads (under data_path, default ./data/msrvtt)."""
     def under(name: str) -> Optional[str]:
-        return os.path.join(cfg.data_path, name) if cfg.data_path else None
+        return os.path.join(cfg.data_path or MSRVTT_DEFAULT_ROOT, name)
     return {
         "json": ("training.msrvtt_json", cfg.msrvtt_json or under(MSRVTT_FILES["json"])),
         "train": ("training.train_csv", cfg.train_csv or under(MSRVTT_FILES["train"])),
@@ -230,8 +234,10 @@ def check_data_paths(cfg: TrainingConfig, need_train: bool = True) -> None:
     Runs before any work starts; it only looks at the file system.
     """
     if cfg.datatype == "msrvtt":
-        if cfg.data_path and not os.path.isdir(cfg.data_path):
-            raise ConfigError("training.data_path", f"folder not found: {cfg.data_path}")
+        root = cfg.data_path or MSRVTT_DEFAULT_ROOT
+        if not os.path.isdir(root):
+            default = "" if cfg.data_path else " (the default for datatype msrvtt; set training.data_path)"
+            raise ConfigError("training.data_path", f"folder not found: {root}{default}")
         paths = _msrvtt_paths(cfg)
         wanted = ["videos", "val"] + (["json", "train"] if need_train else [])
         for name in wanted:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import itertools
 import logging
 import multiprocessing
 import os
@@ -28,6 +29,7 @@ import torch
 from modules.atomic_io import pid_alive
 from modules.cli_support import UsageError
 from modules.errors import error_line, one_line
+from modules.long_video import video_window
 from modules.video_listing import check_video_file
 from modules.video_sampler import SampledVideo, VideoDecodeError, sample_video
 
@@ -52,6 +54,8 @@ class DecodedVideo:
     video: Optional[SampledVideo] = None
     error: Optional[str] = None
     seconds: float = 0.0
+    #: (W, S) for a long video: not sampled here, the model stage decodes it by windows
+    window: Optional[Tuple[float, float]] = None
 
     @property
     def ok(self) -> bool:
@@ -80,16 +84,22 @@ class DecodedVideo:
         self.__dict__.update(state)
 
 
-def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0) -> DecodedVideo:
+def decode_video(path: str, num_segments: int, size: int, decoder_threads: int = 0,
+                 window_seconds: Optional[float] = 0.0, window_stride: Optional[float] = None) -> DecodedVideo:
     """Sample one video for the model; never raises (errors come back as ``error``).
 
     ``decoder_threads`` as in :func:`sample_video` (worker processes use 1).
+    ``window_seconds`` / ``window_stride`` as the config keys (0: never windows, None:
+    automatic): a video to be windowed comes back unsampled with ``window`` set.
     """
     start = time.perf_counter()
     try:
         problem = check_video_file(path)
         if problem is not None:
             return DecodedVideo(path=path, error=problem, seconds=time.perf_counter() - start)
+        window = video_window(path, window_seconds, window_stride)
+        if window is not None:
+            return DecodedVideo(path=path, window=window, seconds=time.perf_counter() - start)
         sampled = sample_video(path, num_segments=num_segments, size=size, decoder_threads=decoder_threads,
                                normalize=False)
         return DecodedVideo(path=path, video=sampled, seconds=time.perf_counter() - start)
@@ -206,19 +216,37 @@ class PoolRun:
             return item, self.fn(*item)
         while not self.ready:
             self._fill()
+            if self.ready:  # results kept from a pool that broke while filling
+                break
             if not self.in_flight:
                 self.close()
                 raise StopIteration
             self._wait()
         return self.ready.popleft()
 
-    def _submit(self, item: Tuple[Any, ...]) -> None:
-        self.in_flight[self.executor.submit(self.fn, *item)] = item
+    def _submit(self, item: Tuple[Any, ...]) -> bool:
+        """Queue ``item``; False when the pool turned out broken (then it is recovered)."""
+        try:
+            self.in_flight[self.executor.submit(self.fn, *item)] = item
+        except BrokenProcessPool:
+            # a worker died while the caller was busy with earlier results: nothing ran
+            # this item; the caller puts it back and fills the new pool
+            self._recover()
+            return False
+        return True
 
     def _fill(self) -> None:
+        while not self._fill_once():
+            pass
+
+    def _fill_once(self) -> bool:
+        """Submit what the rules allow; False if the pool broke and filling must restart."""
         if self.suspects or self.isolating:
             if not self.in_flight and self.suspects:
-                self._submit(self.suspects.popleft())
+                item = self.suspects.popleft()
+                if not self._submit(item):
+                    self.suspects.appendleft(item)
+                    return False
                 self.isolating = True
             elif not self.in_flight:
                 self.isolating = False
@@ -228,21 +256,32 @@ class PoolRun:
                 if item is None:
                     self.exhausted = True
                     break
-                self._submit(item)
+                if not self._submit(item):
+                    self.items = itertools.chain([item], self.items)
+                    return False
+        return True
 
     def _wait(self) -> None:
         done, _ = concurrent.futures.wait(self.in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-        broken = False
+        if not self._harvest(done):
+            self._recover()
+
+    def _harvest(self, done) -> bool:
+        """Move finished futures' results to ``ready``; False if one reports a broken pool."""
+        intact = True
         for future in done:
             try:
                 result = future.result()
             except BrokenProcessPool:
-                broken = True
+                intact = False
                 continue
             self.pool.succeeded = True
             self.ready.append((self.in_flight.pop(future), result))
-        if not broken:
-            return
+        return intact
+
+    def _recover(self) -> None:
+        """After a worker died: keep finished results, replace the pool, retry or give up on the rest."""
+        self._harvest([f for f in self.in_flight if f.done()])
         pool = self.pool
         pool.crashes += 1
         lost = list(self.in_flight.values())
@@ -257,7 +296,7 @@ class PoolRun:
         if self.isolating:  # it crashed a worker on its own: give up on it
             self.isolating = False
             self.ready.extend((item, self.on_crash(item)) for item in lost)
-        else:
+        elif lost:
             logger.warning("a decode worker died; retrying %d videos one at a time", len(lost))
             self.suspects.extend(lost)
 
@@ -273,15 +312,19 @@ def _decoder_crashed(item: Tuple[Any, ...]) -> DecodedVideo:
     return DecodedVideo(path=item[0], error="the decoder process crashed on this file")
 
 
-def decode_stream(paths: Iterable[str], config, num_workers: int, max_in_flight: Optional[int] = None) -> PoolRun:
+def decode_stream(paths: Iterable[str], config, num_workers: int, max_in_flight: Optional[int] = None,
+                  windows: bool = False) -> PoolRun:
     """Sample ``paths`` for a model with ``config`` in ``num_workers`` processes (0: inline).
 
     Yields ``(item, DecodedVideo)`` in completion order, ``item[0]`` the path; workers
     start at once and decode single-threaded. ``close()`` it when stopping early.
+    ``windows``: long videos (config.window_seconds / window_stride) come back unsampled
+    with ``DecodedVideo.window`` set, for the caller to encode by windows.
     """
     pool = DecodePool(num_workers, max_in_flight=max_in_flight, log_level=logging.getLogger().getEffectiveLevel())
+    window = (config.window_seconds, config.window_stride) if windows else (0.0, None)
     return pool.imap_unordered(
-        decode_video, ((p, config.num_segments, config.video_size, pool.decoder_threads) for p in paths),
+        decode_video, ((p, config.num_segments, config.video_size, pool.decoder_threads, *window) for p in paths),
         on_crash=_decoder_crashed,
     )
 

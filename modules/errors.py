@@ -4,7 +4,7 @@ Light on purpose (standard library only): the scripts use it before importing to
 """
 from __future__ import annotations
 
-__all__ = ["one_line", "error_line"]
+__all__ = ["one_line", "error_line", "printable"]
 
 
 def one_line(text: object, empty: str = "unknown error") -> str:
@@ -22,3 +22,9 @@ def error_line(err: BaseException, with_type: bool = False) -> str:
     if with_type and message:
         message = f"{type(err).__name__}: {message}"
     return one_line(message, empty=type(err).__name__)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and undecodable bytes escaped (``\\n``, ``\\udcff``),
+    so a file name holding a newline stays on its line of a report."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

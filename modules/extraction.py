@@ -37,7 +37,7 @@ from modules.decode_pool import DecodedVideo, decode_stream, default_num_workers
 from modules.device_feed import MAX_DEVICE_BATCH, DeviceFeeder, DeviceLane, default_device_workers, device_batch_size
 from modules.distributed import DistEnv, barrier, cleanup_distributed, init_distributed, listing_signature, \
     publish_share, read_shares
-from modules.errors import one_line
+from modules.errors import one_line, printable
 from modules.forward_lanes import ForwardLanes, default_parallel_batches, encode_batch, lane_threads
 from modules.video_listing import VideoEntry, list_videos, parse_extensions, shard_entries
 from modules.writers import SAVE_FORMATS, OutputFilesWriter, RunReport, VideoResult, Writer, result_counts
@@ -76,12 +76,14 @@ class ExtractionOptions:
     progress: bool = True
     merge_lora: bool = True
     writers: Sequence[Writer] = ()
+    window_seconds: Optional[float] = None
+    window_stride: Optional[float] = None
 
     def check(self) -> None:
         """UsageError for an option out of range."""
         if self.save_format not in SAVE_FORMATS:
             raise UsageError(f"save_format must be one of {', '.join(SAVE_FORMATS)}, got {self.save_format!r}")
-        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1)):
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("parallel_batches", 1), ("window_seconds", 0)):
             value = getattr(self, key)
             if value is not None and value < low:
                 raise UsageError(f"{key} must be >= {low}, got {value}")
@@ -135,6 +137,8 @@ def extract_directory_embeddings(
     progress: bool = True,
     merge_lora: bool = True,
     writers: Sequence[Writer] = (),
+    window_seconds: Optional[float] = None,
+    window_stride: Optional[float] = None,
 ) -> Dict[str, Any]:
     """Embed every video in ``video_dir``; write one file set per video into ``output_dir``.
 
@@ -154,6 +158,10 @@ def extract_directory_embeddings(
     (restored on return). overwrite: recompute finished videos (default: resume).
     shard, num_shards: process one share without torchrun. progress: a tqdm bar.
     merge_lora: fold LoRA into the weights of a model built here (same outputs, faster).
+    window_seconds, window_stride: override the config's keys of the same names (long
+    videos as a timeline of windows, ``modules.long_video``; None: the config's, whose
+    default windows only videos over 10 minutes); a windowed video also gets
+    ``<name>_windows.npz`` (the window table) and its embedding is the size-weighted mean.
 
     Returns dict with processed, failed, skipped, total (this process's share), errors
     ([{video_path, error}]), elapsed_seconds, videos_per_second, output_dir, shard,
@@ -172,10 +180,12 @@ def extract_directory_embeddings(
 
 def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     """List, place this process, read the model inputs, prepare the writers, find the work."""
-    from unified_model import load_model_spec
+    from unified_model import join_fingerprint, load_model_spec, spec_fingerprint
 
     start = time.perf_counter()
     video_dir, output_dir = os.fspath(options.video_dir), os.fspath(options.output_dir)
+    if not output_dir:
+        raise UsageError("the output folder is an empty string")
     exts = parse_extensions(options.extensions)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise UsageError(f"output path exists and is not a directory: {output_dir}")
@@ -183,14 +193,27 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     model = options.model
     spec = None if model is not None else load_model_spec(options.config_path, options.checkpoint, options.clip_weights)
     config = model.config if model is not None else spec.config
+    if options.window_seconds is not None or options.window_stride is not None:
+        import dataclasses
+
+        from config import ConfigError
+
+        try:
+            config = dataclasses.replace(
+                config, window_seconds=config.window_seconds if options.window_seconds is None else options.window_seconds,
+                window_stride=options.window_stride)
+        except ConfigError as err:
+            raise UsageError(str(err)) from None
     env = init_distributed(model.device if model is not None else options.device, config, shard=options.shard,
                            num_shards=options.num_shards, timeout=_DIST_TIMEOUT, share_cpu_threads=True)
     if not entries:
         logger.warning("no video files (%s) in %s%s", " ".join(exts), video_dir,
                        "" if options.recursive else " (not recursive)")
+    parts = model.fingerprint_parts if model is not None else spec_fingerprint(spec)
     writers = [OutputFilesWriter(output_dir, options.save_format, options.save_frame_features, options.consolidated,
                                  options.summary, options.overwrite), *options.writers]
     for writer in writers:
+        writer.bind_model(join_fingerprint(parts), parts)
         writer.prepare(entries, cleanup=env.world_size == 1)
     mine = shard_entries(entries, env.rank, env.world_size)
     records: Dict[str, VideoResult] = {}
@@ -198,7 +221,7 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
     for entry in mine:
         if entry.problem is not None:
             records[entry.name] = VideoResult.of(entry, "failed", entry.problem, 0.0)
-            logger.warning("%s: %s", entry.path, one_line(entry.problem))
+            logger.warning("%s: %s", printable(entry.path), one_line(entry.problem))
         elif all(w.is_done(entry) for w in writers):
             records[entry.name] = VideoResult.of(entry, "skipped")
         else:
@@ -224,6 +247,8 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
         "checkpoint": None if spec is None else spec.checkpoint,
         "clip_weights": config.clip_weights,
         "config": config.to_dict(),
+        "fingerprint": join_fingerprint(parts),
+        "fingerprint_parts": parts,
     }
     return plan
 
@@ -253,7 +278,7 @@ class _Tally:
                                                      result.seconds)
         if result.status == "failed":
             self.failed += 1
-            logger.warning("%s: %s", result.video_path, result.error)
+            logger.warning("%s: %s", printable(result.video_path), result.error)
             self.bar.set_postfix(failed=self.failed, refresh=False)
         self.bar.update(1)
 
@@ -272,7 +297,7 @@ def run_extraction(plan: ExtractionPlan):
             # are forked before any helper thread (tqdm's monitor, forward lanes) exists
             stream = decode_stream([e.path for e in plan.pending], plan.config, plan.workers,
                                    max_in_flight=(plan.batch_size or MAX_DEVICE_BATCH) * plan.lanes
-                                   + 2 * max(1, plan.workers))
+                                   + 2 * max(1, plan.workers), windows=True)
             if model is None:
                 model = create_unified_model(spec=plan.spec, device=env.device, merge_lora=options.merge_lora)
             if plan.batch_size is None:  # CUDA: the batch free device memory holds
@@ -288,7 +313,7 @@ def run_extraction(plan: ExtractionPlan):
                                       frames_of=lambda item: item[1].video.frames)
             else:
                 forwards = ForwardLanes(plan.lanes, lambda items: encode_batch(model, items))
-            _encode_stream(plan, stream, forwards, tally)
+            _encode_stream(plan, stream, forwards, tally, model)
             if isinstance(forwards, DeviceLane):
                 plan.settings["model_wait_share"] = round(forwards.wait_share, 4)
     finally:
@@ -301,7 +326,10 @@ def run_extraction(plan: ExtractionPlan):
     return model
 
 
-def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally) -> None:
+def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally,
+                   model) -> None:
+    from modules.long_video import encode_windowed_result
+
     by_path = {e.path: e for e in plan.pending}
     batch: List[Tuple[VideoEntry, DecodedVideo]] = []
     with lane_threads(plan.lanes):
@@ -309,6 +337,9 @@ def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, D
             entry = by_path[path]
             if not decoded.ok:
                 tally.record(VideoResult.of(entry, "failed", decoded.error, decoded.seconds))
+                continue
+            if decoded.window is not None:  # a long video: decoded here, window by window
+                tally.write(encode_windowed_result(model, entry, decoded.window, plan.lanes))
                 continue
             batch.append((entry, decoded))
             if len(batch) >= plan.batch_size:

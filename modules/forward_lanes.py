@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -23,9 +23,26 @@ from modules.video_sampler import normalize_uint8
 from modules.writers import VideoResult
 
 __all__ = ["ForwardLanes", "default_parallel_batches", "threads_per_lane", "lane_threads", "encode_batch",
-           "model_error"]
+           "model_error", "NON_FINITE_ERROR", "degenerate_rows"]
 
 logger = logging.getLogger(__name__)
+
+
+#: why a video whose forward gave NaN / infinite numbers or a zero vector failed (never a result)
+NON_FINITE_ERROR = ("model error: non-finite (NaN or inf) or zero embedding; "
+                    "the checkpoint or weights hold non-finite or huge numbers")
+
+
+def degenerate_rows(vectors: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    """bool (B,): rows of unit-normalised vectors (B, ...) that are no usable result.
+
+    A row is degenerate when any value is NaN or inf, or when its norm is far from 1
+    (an overflow inside the model normalises to a zero vector).
+    """
+    rows = torch.as_tensor(vectors).detach().float().reshape(len(vectors), -1).cpu()
+    finite = torch.isfinite(rows).all(dim=1)
+    norms = torch.linalg.vector_norm(torch.nan_to_num(rows), dim=1)
+    return (~finite | (norms < 0.5)).numpy()
 
 
 def model_error(err: BaseException) -> str:
@@ -59,7 +76,9 @@ def encode_batch(model, batch: Sequence[Tuple[VideoEntry, DecodedVideo]],
         logger.warning("batch of %d failed (%s); retrying one video at a time", len(batch), one_line(err))
         return [result for one in batch for result in encode_batch(model, [one])]
     share = (time.perf_counter() - start) / len(batch)
+    bad = degenerate_rows(embeddings) | ~np.isfinite(group_features.reshape(len(batch), -1)).all(axis=1)
     return [
+        VideoResult.of(entry, "failed", NON_FINITE_ERROR, decoded.seconds + share) if bad[i] else
         VideoResult.of(entry, "success", None, decoded.seconds + share,
                        embedding=np.ascontiguousarray(embeddings[i]), group_features=group_features[i],
                        group_sizes=sizes[i], groups=features.groups[i], representatives=reps[i],

@@ -30,18 +30,30 @@ BATCH_VIDEOS = 4096
 
 def segments_from_frames_npz(payload: Mapping[str, np.ndarray], video: int = 0,
                              window_index: int = 0) -> Tuple[List[Dict[str, Any]], np.ndarray]:
-    """A ``<name>_frames.npz`` payload -> (segment rows for ``add``, (F, D) features)."""
+    """A ``<name>_frames.npz`` payload -> (segment rows for ``add``, (F, D) features).
+
+    A windowed video's payload (``long_video.frames_payload_from_table``) carries per group
+    ``window_index``, ``window_starts``, ``window_ends``; those fill the window fields.
+    """
     features = np.asarray(payload["frame_features"], dtype=np.float32)
     sizes = np.asarray(payload["group_sizes"], dtype=np.int64)
     sampled = np.asarray(payload["sampled_frame_indices"], dtype=np.int64)
     bounds = np.concatenate([[0], np.cumsum(sizes)])  # groups are contiguous runs of sampled frames
     starts, ends = np.asarray(payload["start_times"], float), np.asarray(payload["end_times"], float)
+    windows = payload.get("window_index")
+    first_of_window = {}
+    if windows is not None:
+        for g, w in enumerate(np.asarray(windows).tolist()):
+            first_of_window.setdefault(w, g)
     rows = []
     for g in range(len(features)):
+        in_window = windows is not None
         rows.append({
-            "video": video, "window_index": window_index, "group_index": g,
-            "window_start": float(starts.min()) if len(starts) else 0.0,
-            "window_end": float(ends.max()) if len(ends) else 0.0,
+            "video": video, "window_index": int(windows[g]) if in_window else window_index,
+            "group_index": g - first_of_window[int(windows[g])] if in_window else g,
+            "window_start": float(payload["window_starts"][g]) if in_window else
+            (float(starts.min()) if len(starts) else 0.0),
+            "window_end": float(payload["window_ends"][g]) if in_window else (float(ends.max()) if len(ends) else 0.0),
             "start_time": float(starts[g]), "end_time": float(ends[g]),
             "frame": int(payload["frame_indices"][g]), "timestamp": float(payload["timestamps"][g]),
             "start_frame": int(payload["start_frames"][g]), "end_frame": int(payload["end_frames"][g]),
@@ -119,10 +131,17 @@ def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[s
             data = json.load(fh)
         embedding, video_path = np.asarray(data["embedding"], dtype=np.float32), data.get("video_path")
     frames_file = os.path.join(output_dir, name + "_frames.npz")
+    windows_file = os.path.join(output_dir, name + "_windows.npz")  # long_video.WINDOWS_SUFFIX
     payload = None
     if os.path.isfile(frames_file):
         with np.load(frames_file, allow_pickle=False) as npz:
             payload = {k: npz[k] for k in npz.files}
+    elif os.path.isfile(windows_file):  # a long video's window table: its groups are the segments
+        from modules.long_video import WindowTable, frames_payload_from_table  # torch only when needed
+
+        with np.load(windows_file, allow_pickle=False) as npz:
+            payload = frames_payload_from_table(WindowTable.from_arrays({k: npz[k] for k in npz.files}))
+    if payload is not None:
         video_path = video_path or str(payload["video_path"])
     if video_path is None:
         raise ValueError("no video path recorded (write .json or frames files with the embedding)")

@@ -3,7 +3,9 @@
 A shard's matrix (N, D) float32 of unit vectors gets:
 
 - ``IndexFlatIP`` (exact inner product) when ``N <= EXACT_MAX_ROWS``: one query scans
-  N x D floats (at 131072 x 512, 256 MiB, about 10-20 ms on two cores);
+  N x D floats (32768 x 512 = 64 MiB). A flat scan of 100k rows measured 82 ms per query
+  in benchmarks/bench_search.py on the busy 2-core machine, too slow for the 20 ms target:
+  beyond 32768 rows the IVF index answers;
 - ``IndexIVFFlat`` (inner product, ``nlist`` k-means cells) beyond it. ``nprobe`` is chosen
   at build time: the smallest power of two whose recall@10 against exact search, on
   ``CALIBRATION_QUERIES`` queries made from the shard's own rows plus noise, reaches
@@ -27,7 +29,7 @@ __all__ = ["EXACT_MAX_ROWS", "TARGET_RECALL", "IndexInfo", "build_index", "read_
            "recall_at_k", "exact_top_k", "load_faiss"]
 
 #: largest shard searched exactly (IndexFlatIP); larger shards get an IVF index
-EXACT_MAX_ROWS = 131072
+EXACT_MAX_ROWS = 32768
 #: recall@10 against exact search that the IVF nprobe calibration aims for
 TARGET_RECALL = 0.97
 CALIBRATION_QUERIES = 200

@@ -19,13 +19,40 @@ import numpy as np
 from modules.library import VideoLibrary, library_path
 from modules.writers import RunReport, VideoEntry, VideoResult, Writer
 
-__all__ = ["LibraryWriter", "result_rows"]
+__all__ = ["LibraryWriter", "result_rows", "window_table_segments"]
 
 logger = logging.getLogger(__name__)
 
 
+def window_table_segments(table, video: int = 0):
+    """A long video's :class:`modules.long_video.WindowTable` -> (segment rows, (K * F, D) features).
+
+    One segment per frame group of every window, with ``window_index`` / ``window_start`` /
+    ``window_end``; a group's members are its run of the window's sampled frames.
+    """
+    segments: List[Dict[str, Any]] = []
+    for k in range(table.num_windows):
+        bounds = np.concatenate([[0], np.cumsum(np.asarray(table.group_sizes[k], dtype=np.int64))])
+        sampled = np.asarray(table.sampled_frame_indices[k], dtype=np.int64)
+        for g in range(len(bounds) - 1):
+            segments.append({
+                "video": video, "window_index": k, "window_start": float(table.start_times[k]),
+                "window_end": float(table.end_times[k]), "group_index": g,
+                "start_time": float(table.group_start_times[k, g]), "end_time": float(table.group_end_times[k, g]),
+                "frame": int(table.group_frames[k, g]), "timestamp": float(table.group_timestamps[k, g]),
+                "start_frame": int(table.group_start_frames[k, g]), "end_frame": int(table.group_end_frames[k, g]),
+                "members": sampled[bounds[g]:bounds[g + 1]].tolist(),
+            })
+    features = np.asarray(table.group_features, dtype=np.float32)
+    return segments, features.reshape(-1, features.shape[-1])
+
+
 def result_rows(result: VideoResult, video: int = 0):
-    """One VideoResult -> (video row, (D,) embedding, segment rows, (F, D) features)."""
+    """One VideoResult -> (video row, (D,) embedding, segment rows, (F, D) features).
+
+    A windowed long video (``result.extra["windows"]``, a WindowTable) gives one segment per
+    group of every window; otherwise the video's F frame groups are its segments.
+    """
     sampled = result.video
     row: Dict[str, Any] = {"name": result.name, "video_path": result.video_path, "given_path": result.video_path,
                            "status": "success"}
@@ -36,7 +63,11 @@ def result_rows(result: VideoResult, video: int = 0):
         row.update({k: result.source[k] for k in ("size", "mtime") if result.source.get(k) is not None})
     segments: List[Dict[str, Any]] = []
     features = np.zeros((0, len(result.embedding)), np.float32)
-    if result.group_features is not None and result.groups is not None and sampled is not None:
+    windows = result.extra.get("windows") if result.extra else None
+    if windows is not None:
+        row.update(duration=float(windows.duration), fps=float(windows.fps), num_frames=int(windows.num_frames))
+        segments, features = window_table_segments(windows, video)
+    elif result.group_features is not None and result.groups is not None and sampled is not None:
         spans = result.group_spans()
         indices = np.asarray(sampled.frame_indices, dtype=np.int64)
         for g, members in enumerate(result.groups):

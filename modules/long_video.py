@@ -41,6 +41,7 @@ import torch
 
 from modules.video_sampler import normalize_uint8
 from modules.window_sampler import SampledWindow, WindowStream, check_window_args, iter_windows
+from modules.writers import WINDOWS_SUFFIX  # per-video window table, named by the writer
 
 __all__ = [
     "AUTO_WINDOW_THRESHOLD",
@@ -52,6 +53,12 @@ __all__ = [
     "encode_long_video",
     "resolve_window",
     "window_moments",
+    "video_window",
+    "encode_windowed_result",
+    "frames_payload_from_table",
+    "WINDOWS_SUFFIX",
+    "library_moments",
+    "retrieve_moments",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +82,30 @@ def resolve_window(window_seconds: Optional[float], duration: float) -> Optional
     if window_seconds < 0:
         raise ValueError(f"window_seconds must be >= 0 (0 = no windows), got {window_seconds}")
     return float(window_seconds) if window_seconds > 0 else None
+
+
+def video_window(path: PathLike, window_seconds: Optional[float],
+                 window_stride: Optional[float] = None) -> Optional[Tuple[float, float]]:
+    """(W, S) when ``path`` is to be encoded by windows, else None.
+
+    ``window_seconds`` as :func:`resolve_window`; the duration is read from the header only
+    in the automatic case (None). A header that cannot be read gives None (the ordinary
+    sampler then reports the problem).
+    """
+    if window_seconds is not None and window_seconds <= 0:
+        return None
+    duration = 0.0
+    if window_seconds is None:
+        from modules.video_sampler import VideoDecodeError, probe_video
+
+        try:
+            duration = probe_video(path)["duration"]
+        except VideoDecodeError:
+            return None
+    window = resolve_window(window_seconds, duration)
+    if window is None:
+        return None
+    return window, check_window_args(window, window_stride if window_seconds is not None else None)
 
 
 def combine_window_embeddings(embeddings: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -107,7 +138,8 @@ class WindowTable:
     Per group (K, F): group_features (K, F, D), group_sizes (sampled frames merged),
     group_frames (representative original frame), group_timestamps (its time),
     group_start_frames / group_end_frames (first / last sampled original frame),
-    group_start_times / group_end_times (span). sampled_frame_indices (K, N).
+    group_start_times / group_end_times (span). sampled_frame_indices, sampled_timestamps
+    (K, N): the sampled frames of each window.
     """
 
     video_path: str
@@ -132,6 +164,7 @@ class WindowTable:
     group_start_times: np.ndarray
     group_end_times: np.ndarray
     sampled_frame_indices: np.ndarray
+    sampled_timestamps: np.ndarray
     complete: bool = True
     note: Optional[str] = None
     stats: Dict[str, Any] = field(default_factory=dict)
@@ -143,7 +176,8 @@ class WindowTable:
     #: array fields, in the order the npz stores them
     ARRAYS = ("embedding", "start_times", "end_times", "start_frames", "end_frames", "sizes", "embeddings",
               "group_features", "group_sizes", "group_frames", "group_timestamps", "group_start_frames",
-              "group_end_frames", "group_start_times", "group_end_times", "sampled_frame_indices")
+              "group_end_frames", "group_start_times", "group_end_times", "sampled_frame_indices",
+              "sampled_timestamps")
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
         """Everything as numpy arrays (the ``<name>_windows.npz`` payload; no pickles)."""
@@ -220,7 +254,7 @@ def _window_rows(batch: Sequence[SampledWindow], features, duration_of) -> List[
             "group_end_frames": np.array([sw.frame_indices[g[-1]] for g in groups], dtype=np.int64),
             "group_start_times": np.array([w.start_time + s for s, _ in spans], dtype=np.float64),
             "group_end_times": np.array([w.start_time + e for _, e in spans], dtype=np.float64),
-            "sampled_frame_indices": sw.frame_indices,
+            "sampled_frame_indices": sw.frame_indices, "sampled_timestamps": sw.timestamps,
         })
     return rows
 
@@ -274,7 +308,7 @@ def encode_long_video(model, path: PathLike, window_seconds: float, window_strid
     Raises:
         VideoDecodeError: the file cannot be read or no window could be decoded.
     """
-    from modules.extraction import ForwardLanes, default_parallel_batches, lane_threads
+    from modules.forward_lanes import ForwardLanes, default_parallel_batches, lane_threads
     from modules.video_sampler import VideoDecodeError
 
     stride = check_window_args(window_seconds, window_stride)
@@ -363,6 +397,7 @@ def _table_from_rows(rows: List[Dict[str, Any]], stream: WindowStream, window_se
         group_start_frames=col("group_start_frames", np.int64), group_end_frames=col("group_end_frames", np.int64),
         group_start_times=col("group_start_times", np.float64), group_end_times=col("group_end_times", np.float64),
         sampled_frame_indices=col("sampled_frame_indices", np.int64),
+        sampled_timestamps=col("sampled_timestamps", np.float64),
         complete=stream.complete, note=stream.note,
     )
 
@@ -397,3 +432,145 @@ def window_moments(table: WindowTable, text_embedding: Union[np.ndarray, torch.T
         if top_k is not None and len(moments) == top_k:
             break
     return moments
+
+
+def frames_payload_from_table(table: WindowTable) -> Dict[str, np.ndarray]:
+    """The ``<name>_frames.npz`` arrays of a windowed video: its K x F groups in timeline
+    order (window by window), plus per group ``window_index``, ``window_starts``,
+    ``window_ends``; the sampled frames are the windows' N frames one after the other, so
+    the groups' sizes still partition them in order."""
+    k, f = table.group_sizes.shape
+    return {
+        "frame_features": table.group_features.reshape(k * f, -1).astype(np.float32),
+        "frame_indices": table.group_frames.reshape(-1),
+        "timestamps": table.group_timestamps.reshape(-1),
+        "start_frames": table.group_start_frames.reshape(-1),
+        "end_frames": table.group_end_frames.reshape(-1),
+        "start_times": table.group_start_times.reshape(-1),
+        "end_times": table.group_end_times.reshape(-1),
+        "group_sizes": table.group_sizes.reshape(-1),
+        "sampled_frame_indices": table.sampled_frame_indices.reshape(-1),
+        "sampled_timestamps": table.sampled_timestamps.reshape(-1),
+        "video_path": np.array(table.video_path),
+        "window_index": np.repeat(np.arange(k, dtype=np.int64), f),
+        "window_starts": np.repeat(table.start_times, f),
+        "window_ends": np.repeat(table.end_times, f),
+    }
+
+
+def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Optional[int] = None):
+    """The extraction's model stage for one long video -> ``writers.VideoResult``.
+
+    Success carries the video embedding and ``extra["windows"]`` (the :class:`WindowTable`);
+    a file that cannot be decoded, or a model error, gives a failed result with a one-line
+    reason (never raises for the video's sake).
+    """
+    from modules.errors import one_line
+    from modules.forward_lanes import model_error
+    from modules.video_sampler import VideoDecodeError
+    from modules.writers import VideoResult
+
+    start = time.perf_counter()
+    try:
+        table = encode_long_video(model, entry.path, window[0], window[1], parallel_batches=lanes)
+    except VideoDecodeError as err:
+        return VideoResult.of(entry, "failed", one_line(err.reason), time.perf_counter() - start)
+    except Exception as err:  # noqa: BLE001 - recorded per video
+        return VideoResult.of(entry, "failed", model_error(err), time.perf_counter() - start)
+    if not np.all(np.isfinite(table.embedding)):
+        return VideoResult.of(entry, "failed", "model error: non-finite embedding", time.perf_counter() - start)
+    logger.info("%s: %d windows of %g s, %d of %d frames decoded", entry.path, table.num_windows, window[0],
+                table.stats["decoded_frames"], table.num_frames)
+    return VideoResult.of(entry, "success", None, time.perf_counter() - start, embedding=table.embedding,
+                          extra={"windows": table})
+
+
+def _moment_dict(m: Moment) -> Dict[str, Any]:
+    """A moment as a retrieval "segment" (the keys of ``FrameHit`` plus the window's)."""
+    return {"frame": m.frame, "score": m.score, "start_frame": m.start_frame, "end_frame": m.end_frame,
+            "start_time": m.start_time, "end_time": m.end_time, "timestamp": m.timestamp,
+            "window": m.window, "group": m.group, "window_start": m.window_start, "window_end": m.window_end}
+
+
+def library_moments(library_dir: PathLike, video_path: PathLike, text: np.ndarray,
+                    top_k: Optional[int]) -> Optional[List[Moment]]:
+    """Moments of ``video_path`` scored from a video library's segment rows (no decoding).
+
+    ``library_dir``: a library folder or an extraction output folder holding one. Returns
+    None when the library has no segments of that video (matched by real path).
+    """
+    import pyarrow.compute as pc
+
+    from modules.library import MANIFEST, VideoLibrary, library_path
+
+    root = os.fspath(library_dir)
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        root = library_path(root)
+    library = VideoLibrary.open(root)
+    wanted = os.path.realpath(os.fspath(video_path))
+    rows = [v["row"] for v in library if os.path.realpath(v["video_path"]) == wanted]
+    if not rows:
+        return None
+    segments = library.table("segments")
+    segments = segments.filter(pc.equal(segments["video_row"], rows[-1])).to_pylist()
+    if not segments:
+        return None
+    features = np.asarray(library.embeddings("segments")[[s["row"] for s in segments]], dtype=np.float32)
+    scores = features @ np.asarray(text, dtype=np.float32).reshape(-1)
+    moments, seen = [], set()
+    for i in np.argsort(-scores, kind="stable").tolist():
+        s = segments[i]
+        if s["frame"] in seen:
+            continue
+        seen.add(s["frame"])
+        moments.append(Moment(window=int(s["window_index"]), group=int(s["group_index"]), score=float(scores[i]),
+                              start_time=float(s["start_time"]), end_time=float(s["end_time"]),
+                              start_frame=int(s["start_frame"]), end_frame=int(s["end_frame"]), frame=int(s["frame"]),
+                              timestamp=float(s["timestamp"]), window_start=float(s["window_start"]),
+                              window_end=float(s["window_end"])))
+        if top_k is not None and len(moments) == top_k:
+            break
+    return moments
+
+
+def retrieve_moments(model, video_path: PathLike, query: str, top_k: Optional[int] = None,
+                     window: Optional[Tuple[float, float]] = None,
+                     library_dir: Optional[PathLike] = None) -> Dict[str, Any]:
+    """One (video, query) over the whole timeline -> a result dict as ``batch_retrieve_events``
+    gives (video_path, query, frames, scores, segments, inference_time, status, error), whose
+    segments also name their window and group, plus ``source`` ("library": scored from the
+    library's segment rows without decoding; "decoded": encoded here by ``window``).
+
+    Never raises for the video's sake: problems come back as status "error".
+    """
+    from modules.errors import one_line
+    from modules.video_sampler import VideoDecodeError
+
+    start = time.perf_counter()
+    top_k = model.config.top_k if top_k is None else top_k
+    result: Dict[str, Any] = {"video_path": os.fspath(video_path), "query": query, "frames": [], "scores": [],
+                              "segments": [], "status": "success", "error": None}
+    try:
+        text = model.encode_text([query])[0].detach().cpu().numpy()
+        moments = library_moments(library_dir, video_path, text, top_k) if library_dir is not None else None
+        if moments is not None:
+            result["source"] = "library"
+        else:
+            if library_dir is not None:
+                logger.info("%s is not in the library %s; decoding it", video_path, library_dir)
+            if window is None:
+                raise ValueError("no window length for a video that is not in the library")
+            table = encode_long_video(model, video_path, window[0], window[1])
+            moments = window_moments(table, text, top_k)
+            result.update(source="decoded", windows=table.num_windows, complete=table.complete, note=table.note)
+    except VideoDecodeError as err:
+        result.update(status="error", error=one_line(str(err)))
+        moments = []
+    except Exception as err:  # noqa: BLE001 - one line, like the other retrieval paths
+        result.update(status="error", error=one_line(f"{type(err).__name__}: {err}"))
+        moments = []
+    result["segments"] = [_moment_dict(m) for m in moments]
+    result["frames"] = [m.frame for m in moments]
+    result["scores"] = [m.score for m in moments]
+    result["inference_time"] = round(time.perf_counter() - start, 4)
+    return result

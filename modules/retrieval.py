@@ -10,6 +10,8 @@
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -22,9 +24,10 @@ import torch
 
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
-from modules.forward_lanes import model_error
+from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
+from modules.json_input import JSONInputError, read_json_file
 from modules.video_sampler import normalize_uint8
-from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY
+from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY, read_embedding_file, read_meta
 
 __all__ = [
     "batch_retrieve_events",
@@ -38,6 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RULE = "=" * 50
+#: queries per text forward in batch retrieval: activation memory stays flat however many
+#: queries ask about one video (one forward of 10k queries peaked at 12.4 GB)
+TEXT_CHUNK = 256
 
 
 # ----------------------------------------------------------------------------- batch retrieval
@@ -122,7 +128,8 @@ def batch_retrieve_events(
             try:
                 with torch.inference_mode():
                     features = model.encode_videos(normalize_uint8(decoded.frames).unsqueeze(0))
-                    texts = model.encode_text([str(video_queries[i]["query"]) for i in indices])
+                    texts = torch.cat([model.encode_text([str(video_queries[i]["query"]) for i in chunk])
+                                       for chunk in _chunks(indices, TEXT_CHUNK)])
                     scores = texts @ features.frame_features[0].T  # (Q, F)
             except Exception as err:  # noqa: BLE001 - one bad video must not stop the batch
                 message = model_error(err)
@@ -132,7 +139,12 @@ def batch_retrieve_events(
                 continue
             shared = (decoded.seconds + time.perf_counter() - start) / len(indices)
             reps = features.representatives[0].cpu()
+            bad = (degenerate_rows(texts) | ~torch.isfinite(scores).all(dim=1).numpy()
+                   | degenerate_rows(features.video_embeddings).any())
             for row, i in enumerate(indices):
+                if bad[row]:  # NaN scores (or a zero text vector) are no ranking: never a result
+                    results[i].update(status="error", error=f"{path}: {NON_FINITE_ERROR}")
+                    continue
                 t0 = time.perf_counter()
                 k = video_queries[i].get("top_k", default_k)
                 hits = rank_hits(scores[row].cpu(), features.groups[0], reps, decoded.video, k)
@@ -149,13 +161,23 @@ def batch_retrieve_events(
     return results
 
 
+def _chunks(items: Sequence[int], size: int) -> List[Sequence[int]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 def _item_problem(item: Any) -> Optional[str]:
     if not isinstance(item, dict):
         return f"expected an object with video_path and query, got {type(item).__name__}"
     for key in ("video_path", "query"):
         value = item.get(key)
-        if not isinstance(value, str) or not value.strip():
+        if value is not None and not isinstance(value, str):
+            return f"{key!r} must be a string, got {type(value).__name__} {value!r}"
+        if value is None or not value.strip():
             return f"missing or empty {key!r}"
+    try:
+        item["query"].encode("utf-8")
+    except UnicodeEncodeError as err:  # e.g. "\ud800" in the batch file: no text to encode
+        return f"query is not valid Unicode text (lone surrogate {item['query'][err.start]!r} at {err.start})"
     k = item.get("top_k")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         return f"top_k must be a positive integer, got {k!r}"
@@ -163,17 +185,13 @@ def _item_problem(item: Any) -> Optional[str]:
 
 
 def load_batch_file(path: Union[str, os.PathLike]) -> List[Any]:
-    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]})."""
+    """A batch file: a JSON list of {"video_path", "query"} objects (or {"queries": [...]}),
+    read as hostile data (``modules.json_input``); problems are one-line UsageErrors."""
     path = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"batch file not found: {path}") from None
-    except json.JSONDecodeError as err:
-        raise UsageError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read batch file ({err})") from None
+        data = read_json_file(path, "batch file")
+    except JSONInputError as err:
+        raise UsageError(str(err)) from None
     if isinstance(data, dict) and isinstance(data.get("queries"), list):
         data = data["queries"]
     if not isinstance(data, list):
@@ -184,34 +202,9 @@ def load_batch_file(path: Union[str, os.PathLike]) -> List[Any]:
 # ----------------------------------------------------------------------------- embedding search
 
 
-def load_embedding_index(embeddings_dir: Union[str, os.PathLike]) -> Tuple[List[str], List[Optional[str]], np.ndarray, str, Dict[str, Any]]:
-    """Embeddings written by extract_video_embeddings.py.
-
-    Uses ``embeddings.npy`` + ``embeddings_index.json`` (written by ``--consolidated``)
-    when present, otherwise every ``*_embedding.npy`` / ``*_embedding.json`` below the folder.
-
-    Returns:
-        (names, video_paths (None where unknown), matrix (M, D) float32, source description,
-        model info recorded at extraction time or {}).
-    """
-    root = os.fspath(embeddings_dir)
-    if not os.path.isdir(root):
-        raise UsageError(f"embeddings directory not found: {root}")
-    index_path = os.path.join(root, CONSOLIDATED_INDEX)
-    matrix_path = os.path.join(root, CONSOLIDATED_NPY)
-    if os.path.isfile(index_path) and os.path.isfile(matrix_path):
-        try:
-            with open(index_path, encoding="utf-8") as fh:
-                index = json.load(fh)
-            matrix = np.load(matrix_path, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise UsageError(f"{index_path}: cannot read the consolidated embeddings ({err})") from None
-        names = list(index.get("names", []))
-        if matrix.ndim != 2 or len(names) != matrix.shape[0]:
-            raise UsageError(f"{matrix_path}: {matrix.shape} rows do not match the {len(names)} names in {index_path}")
-        paths = list(index.get("video_paths", [None] * len(names)))
-        return names, paths, np.asarray(matrix, dtype=np.float32), f"{CONSOLIDATED_NPY} + {CONSOLIDATED_INDEX}", index.get("model", {})
-    found: Dict[str, Dict[str, str]] = {}  # name -> {"npy": file, "json": file}
+def _per_video_files(root: str) -> Dict[str, Dict[str, str]]:
+    """name -> {"npy": file, "json": file} for every per-video embedding file below ``root``."""
+    found: Dict[str, Dict[str, str]] = {}
     for folder, dirs, files in os.walk(root):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for fname in files:
@@ -220,30 +213,89 @@ def load_embedding_index(embeddings_dir: Union[str, os.PathLike]) -> Tuple[List[
                 if fname.endswith(suffix) and not fname.startswith("."):
                     name = os.path.relpath(os.path.join(folder, fname[: -len(suffix)]), root).replace(os.sep, "/")
                     found.setdefault(name, {})[kind] = os.path.join(folder, fname)
-    names, paths, rows = [], [], []
+    return found
+
+
+def _load_consolidated(root: str, index_path: str, matrix_path: str, found: Dict[str, Dict[str, str]]):
+    try:
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
+        with open(matrix_path, "rb") as fh:
+            data = fh.read()
+        matrix = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise UsageError(f"{index_path}: cannot read the consolidated embeddings ({err}); "
+                         "rerun extract_video_embeddings.py with --consolidated") from None
+    names = list(index.get("names", []))
+    rerun = "rerun extract_video_embeddings.py with --consolidated to rebuild it"
+    if matrix.ndim != 2 or len(names) != matrix.shape[0]:
+        raise UsageError(f"{matrix_path}: {matrix.shape} rows do not match the {len(names)} names in {index_path}; {rerun}")
+    expected = index.get("matrix_sha256")
+    if expected is not None and hashlib.sha256(matrix.astype("<f4", copy=False).tobytes()).hexdigest() != expected:
+        raise UsageError(f"{matrix_path} is not the matrix {index_path} describes (an interrupted run?); {rerun}")
+    index_time = os.stat(index_path).st_mtime_ns
+    indexed = set(names)
+    newer = [n for n, files in found.items() if n not in indexed
+             or any(os.stat(p).st_mtime_ns > index_time for p in files.values())]
+    if newer:
+        raise UsageError(f"{index_path} is older than {len(newer)} per-video embedding files (e.g. {newer[0]!r}: "
+                         f"videos extracted without --consolidated); {rerun}")
+    paths = list(index.get("video_paths", [None] * len(names)))
+    return names, paths, matrix.astype(np.float32, copy=False), f"{CONSOLIDATED_NPY} + {CONSOLIDATED_INDEX}", index.get("model", {})
+
+
+def load_embedding_index(embeddings_dir: Union[str, os.PathLike]) -> Tuple[List[str], List[Optional[str]], np.ndarray, str, Dict[str, Any]]:
+    """Embeddings written by extract_video_embeddings.py.
+
+    Uses ``embeddings.npy`` + ``embeddings_index.json`` (written by ``--consolidated``)
+    when present, otherwise every ``*_embedding.npy`` / ``*_embedding.json`` below the folder
+    (unreadable ones are skipped with a warning).
+
+    Returns:
+        (names, video_paths (None where unknown), matrix (M, D) float32, source description,
+        model info recorded at extraction time ({"fingerprint": ...} for per-video files),
+        or {}).
+
+    Raises:
+        UsageError: no embeddings; a consolidated index older than the per-video files or
+        not matching its matrix; per-video embeddings of several models.
+    """
+    root = os.fspath(embeddings_dir)
+    if not os.path.isdir(root):
+        raise UsageError(f"embeddings directory not found: {root}")
+    found = _per_video_files(root)
+    index_path = os.path.join(root, CONSOLIDATED_INDEX)
+    matrix_path = os.path.join(root, CONSOLIDATED_NPY)
+    if os.path.isfile(index_path) and os.path.isfile(matrix_path):
+        return _load_consolidated(root, index_path, matrix_path, found)
+    names, paths, rows, fingerprints = [], [], [], set()
     for name in sorted(found):
         files = found[name]
         try:
+            vector = read_embedding_file(files.get("npy") or files["json"])
             data = {}
             if "json" in files:
                 with open(files["json"], encoding="utf-8") as fh:
                     data = json.load(fh)
-            if "npy" in files:
-                vector = np.load(files["npy"], allow_pickle=False)
-            else:
-                vector = np.asarray(data["embedding"], dtype=np.float32)
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError) as err:
             logger.warning("%s: unreadable embedding file skipped (%s)", name, err)
             continue
+        meta = read_meta(root, name)
+        if meta is not None and meta.get("fingerprint"):
+            fingerprints.add(meta["fingerprint"])
         names.append(name)
-        paths.append(data.get("video_path") if isinstance(data, dict) else None)
-        rows.append(np.asarray(vector, dtype=np.float32).reshape(-1))
+        paths.append(data.get("video_path") if isinstance(data, dict) else (meta or {}).get("video_path"))
+        rows.append(vector)
     if not rows:
         raise UsageError(f"no embeddings in {root} (expected *_embedding.npy / *_embedding.json or {CONSOLIDATED_NPY})")
     dims = {r.shape[0] for r in rows}
     if len(dims) != 1:
         raise UsageError(f"{root}: embeddings of different sizes {sorted(dims)}")
-    return names, paths, np.stack(rows), "per-video files", {}
+    if len(fingerprints) > 1:
+        raise UsageError(f"{root}: the embeddings mix {len(fingerprints)} models; re-extract the folder with one "
+                         "model (extract_video_embeddings.py --overwrite)")
+    info = {"fingerprint": fingerprints.pop()} if fingerprints else {}
+    return names, paths, np.stack(rows), "per-video files", info
 
 
 def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str, top_k: Optional[int] = None) -> Dict[str, Any]:
@@ -259,13 +311,21 @@ def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str
         raise UsageError(f"top_k must be >= 1, got {k}")
     with torch.inference_mode():
         text = model.encode_text([query])[0].float().cpu().numpy()
+    if degenerate_rows(text[None]).any():
+        raise UsageError(f"the text embedding of {query!r} is non-finite (NaN or inf) or zero: the model's "
+                         "checkpoint or weights hold non-finite or huge numbers")
     if matrix.shape[1] != text.shape[0]:
         raise UsageError(f"{embeddings_dir}: embeddings have {matrix.shape[1]} dimensions, "
                          f"the model's text embeddings {text.shape[0]}: extracted with another model")
-    _warn_if_other_model(info, model, embeddings_dir)
+    _check_same_model(info, model, embeddings_dir)
     norms = np.linalg.norm(matrix, axis=1)
     scores = (matrix @ text) / np.maximum(norms, 1e-12)
-    order = np.argsort(-scores, kind="stable")[:k]
+    finite = np.isfinite(scores)
+    if not finite.all():
+        logger.warning("%s: %d videos with non-finite embeddings left out of the ranking (re-extract them)",
+                       embeddings_dir, int((~finite).sum()))
+    ranked = np.flatnonzero(finite)
+    order = ranked[np.argsort(-scores[ranked], kind="stable")][:k]
     return {
         "query": query,
         "embeddings_dir": os.fspath(embeddings_dir),
@@ -277,23 +337,45 @@ def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str
     }
 
 
-def _warn_if_other_model(info: Dict[str, Any], model, embeddings_dir) -> None:
-    """Embeddings and text must come from the same model; say so when the index disagrees."""
-    if not info:
+#: what to pass when a fingerprint part differs
+_PART_FLAGS = {"weights": "--clip_weights", "checkpoint": "--checkpoint", "config": "--config_path"}
+#: the model-info key that recorded what extraction passed for each part
+_RECORDED = {"weights": "clip_weights", "checkpoint": "checkpoint", "config": "config_path"}
+
+
+def _check_same_model(info: Dict[str, Any], model, embeddings_dir) -> None:
+    """Embeddings and text must come from the same model (fingerprint): refuse otherwise,
+    naming what differs and what to pass."""
+    recorded = info.get("fingerprint")
+    if recorded is None:  # written before fingerprints were recorded: compare what is known
+        here = {"clip_weights": model.config.clip_weights, "config": model.config.to_dict()}
+        for key in ("clip_weights", "config"):
+            if key in info and info[key] != here[key]:
+                logger.warning("%s was extracted with a different %s than this model uses; scores may be "
+                               "meaningless", embeddings_dir, key)
+                return
         return
-    here = {"clip_weights": model.config.clip_weights, "config": model.config.to_dict()}
-    for key in ("clip_weights", "config"):
-        if key in info and info[key] != here[key]:
-            logger.warning("%s was extracted with a different %s than this model uses; scores may be meaningless",
-                           embeddings_dir, key)
-            return
+    if recorded == model.fingerprint:
+        return
+    parts = info.get("fingerprint_parts") or {}
+    ours = model.fingerprint_parts
+    differ = [k for k in ("weights", "checkpoint", "config") if k in parts and parts[k] != ours.get(k)]
+    what = " and ".join(f"the {k}" for k in differ) or "the model"
+    used = ", ".join(f"{_PART_FLAGS[k]} {info.get(_RECORDED[k])}" for k in differ)
+    raise UsageError(f"{embeddings_dir} was extracted with another model ({what} differ"
+                     + (f"; extraction used {used}" if used else "") + "): pass the same "
+                     "--checkpoint / --clip_weights / --config_path as the extraction, or re-extract")
 
 
 # ----------------------------------------------------------------------------- reports
 
 
-def format_inference_block(result: Dict[str, Any]) -> str:
-    """The INFERENCE RESULTS report of one (video, query) result."""
+def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) -> str:
+    """The INFERENCE RESULTS report of one (video, query) result.
+
+    top_k: the number of frames asked for; when the video has fewer frame groups the
+    report says that only those exist.
+    """
     lines = [
         "",
         "INFERENCE RESULTS",
@@ -306,7 +388,9 @@ def format_inference_block(result: Dict[str, Any]) -> str:
         return "\n".join(lines)
     lines += [
         f"Relevant frames: {result['frames']}",
-        f"Number of frames: {len(result['frames'])}",
+        f"Number of frames: {len(result['frames'])}" + (
+            f" (only {len(result['frames'])} frame groups exist; {top_k} asked for)"
+            if top_k is not None and len(result["frames"]) < top_k else ""),
         f"Inference time: {result['inference_time']:.2f}s",
         "Time spans (best first):",
     ]
@@ -315,6 +399,8 @@ def format_inference_block(result: Dict[str, Any]) -> str:
             f"  {rank}. frame {seg['frame']} at {seg['timestamp']:.2f}s: "
             f"{seg['start_time']:.2f}s-{seg['end_time']:.2f}s (frames {seg['start_frame']}-{seg['end_frame']}), "
             f"score {seg['score']:.4f}"
+            + (f" [window {seg['window']}: {seg['window_start']:.1f}s-{seg['window_end']:.1f}s, group {seg['group']}]"
+               if "window" in seg else "")
         )
     return "\n".join(lines)
 

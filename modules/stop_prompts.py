@@ -15,7 +15,7 @@ Everything is batched over videos (leading dim B) and has no cross-video interac
 
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -29,50 +29,7 @@ __all__ = [
     "SpatialPromptGenerator",
     "minmax_normalize_frames",
     "straight_through_topk_mask",
-    "parse_temporal_prompt",
-    "parse_spatial_prompt",
 ]
-
-TEMPORAL_PROMPT_CHOICES = ("group2-2", "none")
-SPATIAL_PROMPT_CHOICES = ("patch", "none")
-
-
-# --------------------------------------------------------------------------------------
-# Config helpers
-# --------------------------------------------------------------------------------------
-def parse_temporal_prompt(value: Optional[str]) -> bool:
-    """Whether temporal prompts are on: "group2-2" -> True, "none" (or None) -> False.
-
-    Raises ValueError naming the bad value for anything else.
-    """
-    if value is None:
-        return False
-    v = str(value).strip().lower()
-    if v == "group2-2":
-        return True
-    if v == "none":
-        return False
-    raise ValueError(
-        f"unknown temporal_prompt {value!r}; expected one of {list(TEMPORAL_PROMPT_CHOICES)}"
-    )
-
-
-def parse_spatial_prompt(value: Optional[str]) -> bool:
-    """Whether spatial prompts are on: "patch" -> True, "none" (or None) -> False.
-
-    Raises ValueError naming the bad value for anything else.
-    """
-    if value is None:
-        return False
-    v = str(value).strip().lower()
-    if v == "patch":
-        return True
-    if v == "none":
-        return False
-    raise ValueError(
-        f"unknown spatial_prompt {value!r}; expected one of {list(SPATIAL_PROMPT_CHOICES)}"
-    )
-
 
 # --------------------------------------------------------------------------------------
 # Pure functions
@@ -192,9 +149,9 @@ class TemporalPromptGenerator(nn.Module):
       output, averaged per frame, min-max normalised over the video's frames.
       dynamic = dynamic_scale * (1 + w_t) * prompt.
 
-    Deep prompts: the encoder sets the prompt slots of block ``l`` to
-    ``layer_prompts(dynamic, l) = base_prompts[l] + dynamic`` (the reference also shares
-    one dynamic prompt across layers). ``prompt_log_size_gate[l]`` is added by the encoder
+    Deep prompts: the encoder (``tempme_encoder.PromptInputs.for_layer``) sets the prompt
+    slots of block ``l`` to ``base_prompts[l] + dynamic`` (the reference also shares one
+    dynamic prompt across layers). ``prompt_log_size_gate[l]`` is added by the encoder
     to the attention logits of prompt keys (proportional attention's log-size term); its
     init of -4 makes prompt keys nearly invisible, so an untrained model stays close to
     plain CLIP.
@@ -267,21 +224,10 @@ class TemporalPromptGenerator(nn.Module):
             v = v + v * saliency.to(v.dtype).unsqueeze(-1)
         return minmax_normalize_frames(v.mean(dim=(2, 3)))
 
-    def forward(
-        self,
-        patch_tokens: torch.Tensor,
-        saliency: Optional[torch.Tensor] = None,
-        return_weights: bool = False,
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Dynamic prompts for each frame.
+    def attend(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """The branch's attention output: (B, F, L, width) patch tokens -> (B, F, L, d_p).
 
-        Args:
-            patch_tokens: (B, F, L, width) layer-0 patch tokens (CLS excluded).
-            saliency: optional (B, F, L) token weights for the frame weight.
-            return_weights: also return the frame weights (B, F).
-
-        Returns:
-            dynamic (B, F, P, width) [, w (B, F)].
+        One sequence of F*L tokens per video: frames exchange information here.
         """
         b, f, length, d = patch_tokens.shape
         if length != self.num_patches or d != self.width:
@@ -290,32 +236,26 @@ class TemporalPromptGenerator(nn.Module):
                 f"got {tuple(patch_tokens.shape)}"
             )
         h = self.in_proj(patch_tokens)  # (B, F, L, d_p)
-        # One sequence of F*L tokens per video: frames exchange information here.
         h = self.attn(h.reshape(b, f * length, self.prompt_dim))
-        h = h.reshape(b, f, length, self.prompt_dim)
-        w = self.frame_weights(h, saliency)  # (B, F)
+        return h.reshape(b, f, length, self.prompt_dim)
 
+    def forward(self, patch_tokens: torch.Tensor, saliency: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Dynamic prompts for each frame.
+
+        Args:
+            patch_tokens: (B, F, L, width) layer-0 patch tokens (CLS excluded).
+            saliency: optional (B, F, L) token weights for the frame weight.
+
+        Returns:
+            dynamic (B, F, P, width) = dynamic_scale * (1 + w) * prompt, with w the
+            :meth:`frame_weights` of :meth:`attend`'s output.
+        """
+        h = self.attend(patch_tokens)  # (B, F, L, d_p)
+        w = self.frame_weights(h, saliency)  # (B, F)
         v = self.volume_conv(h.unsqueeze(1)).squeeze(1)  # (B, F, L, d_p)
         p = self.token_mlp(v.transpose(-1, -2)).transpose(-1, -2)  # (B, F, P, d_p)
         p = self.out_proj(p)  # (B, F, P, width)
-        dynamic = self.dynamic_scale * (1.0 + w)[:, :, None, None] * p
-        if return_weights:
-            return dynamic, w
-        return dynamic
-
-    def layer_prompts(self, dynamic: torch.Tensor, layer: int) -> torch.Tensor:
-        """Prompt tokens for block ``layer``: base_prompts[layer] + dynamic.
-
-        Args:
-            dynamic: (B, F, P, width) from forward().
-            layer: block index in [0, num_layers).
-
-        Returns:
-            (B, F, P, width).
-        """
-        if not 0 <= layer < self.num_layers:
-            raise IndexError(f"layer {layer} out of range [0, {self.num_layers})")
-        return self.base_prompts[layer].to(dynamic.dtype) + dynamic
+        return self.dynamic_scale * (1.0 + w)[:, :, None, None] * p
 
 
 class SpatialPromptGenerator(nn.Module):
@@ -364,17 +304,11 @@ class SpatialPromptGenerator(nn.Module):
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(
-        self, patch_tokens: torch.Tensor, return_mask: bool = False
-    ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-        """Add spatial prompts to patch tokens.
+    def prompts_and_scores(self, patch_tokens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The prompt p (B, N, grid*grid, width) and the saliency scores (B, N, grid*grid).
 
         Args:
             patch_tokens: (B, N, grid*grid, width), CLS excluded.
-            return_mask: also return the (straight-through) mask (B, N, grid*grid).
-
-        Returns:
-            new patch tokens (B, N, grid*grid, width) [, mask].
         """
         b, n, length, d = patch_tokens.shape
         g = self.grid
@@ -387,9 +321,13 @@ class SpatialPromptGenerator(nn.Module):
         vol = h0.reshape(b, n, g, g, self.hidden).permute(0, 4, 1, 2, 3)  # (B, C, N, g, g)
         scores = self.scorer(vol).reshape(b, n, length)  # (B, N, L)
         h = self.conv_stack(vol).permute(0, 2, 3, 4, 1).reshape(b, n, length, self.hidden)
-        p = self.out_proj(h)  # (B, N, L, width)
+        return self.out_proj(h), scores
+
+    def forward(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """Add spatial prompts to patch tokens: (B, N, grid*grid, width) -> same shape.
+
+        The mask is ``straight_through_topk_mask(scores, eta)`` of :meth:`prompts_and_scores`.
+        """
+        p, scores = self.prompts_and_scores(patch_tokens)
         mask = straight_through_topk_mask(scores, self.eta)
-        out = patch_tokens + self.scale * p + self.scale * p * mask.unsqueeze(-1)
-        if return_mask:
-            return out, mask
-        return out
+        return patch_tokens + self.scale * p + self.scale * p * mask.unsqueeze(-1)

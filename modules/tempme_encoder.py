@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from config import MergeSchedule  # the schedule's one home (parsed and validated from TempMeConfig)
 from modules.lora import LoRAQKV, merge_lora_weights
 from modules.token_merging import bipartite_soft_matching, merge_wavg
 
@@ -36,58 +37,6 @@ __all__ = [
     "regroup_clips",
     "merge_trace",
 ]
-
-
-@dataclass(frozen=True)
-class MergeSchedule:
-    """Where and how much the encoder merges (TempMe defaults for ViT-B/32)."""
-
-    merge_layers: Tuple[int, ...] = (8, 9, 10)
-    frame_factors: Tuple[int, ...] = (2, 2, 3)
-    clip_ratio: float = 0.3  # R_C: fraction of a new clip's tokens merged away at a merge layer
-    intra_ratio: float = 0.1  # R_I: fraction merged within a clip after its attention
-    tome_r: int = 2  # ImgMe tokens merged per frame in each block before the first merge layer
-    prop_attn: bool = True
-    frame_pos: bool = True
-
-    def __post_init__(self) -> None:
-        if len(self.merge_layers) != len(self.frame_factors):
-            raise ValueError("merge_layers and frame_factors must have the same length")
-
-    @classmethod
-    def from_config(cls, tempme) -> "MergeSchedule":
-        """Build from a :class:`config.TempMeConfig`."""
-        return cls(
-            merge_layers=tuple(tempme.merge_layer),
-            frame_factors=tuple(tempme.frame_factors),
-            clip_ratio=float(tempme.merge_token_proportion[0]),
-            intra_ratio=float(tempme.merge_token_proportion[1]),
-            tome_r=int(tempme.tome_r),
-            prop_attn=bool(tempme.prop_attn),
-            frame_pos=bool(tempme.frame_pos),
-        )
-
-    def factor_at(self, layer: int) -> int:
-        """Clip-merge factor k of ``layer`` (1 where no clips are merged)."""
-        if layer in self.merge_layers:
-            return self.frame_factors[self.merge_layers.index(layer)]
-        return 1
-
-    def clips_before_merges(self, num_frames: int) -> List[int]:
-        """Number of sequences per video entering each merge layer, e.g. [12, 6, 3]."""
-        counts, clips = [], num_frames
-        for k in self.frame_factors:
-            counts.append(clips)
-            clips //= k
-        return counts
-
-    def check(self, num_frames: int, depth: int) -> None:
-        """Raise ValueError if this schedule cannot run on ``num_frames`` frames / ``depth`` blocks."""
-        if any(not 0 <= l < depth for l in self.merge_layers):
-            raise ValueError(f"merge layers {list(self.merge_layers)} outside the encoder's {depth} blocks")
-        for clips, k in zip(self.clips_before_merges(num_frames), self.frame_factors):
-            if clips % k:
-                raise ValueError(f"frame factors {list(self.frame_factors)} do not divide {num_frames} frames")
 
 
 def clip_merge_counts(tokens: int, protected: int, factor: int, clip_ratio: float, intra_ratio: float) -> Tuple[int, int]:
@@ -165,6 +114,10 @@ class PromptInputs:
     def num_prompts(self) -> int:
         return self.dynamic.shape[2]
 
+    def for_layer(self, layer: int) -> torch.Tensor:
+        """The prompt tokens of block ``layer``: base[layer] + dynamic, (B, F, P, C)."""
+        return self.base[layer] + self.dynamic
+
 
 def _set_prompt_slots(state: TokenState, prompts: torch.Tensor) -> TokenState:
     """Overwrite each frame's prompt slots (after its CLS) with ``prompts`` (S, fps, P, C)."""
@@ -218,7 +171,7 @@ class TempMeEncoder(nn.Module):
 
     def __init__(self, width: int, layers: int, num_frames: int, schedule: MergeSchedule, lora_dim: int = 8):
         super().__init__()
-        schedule.check(num_frames, layers)
+        schedule.check(num_frames, layers)  # the config checked its named encoder; these are the real blocks
         self.schedule = schedule
         self.num_frames = num_frames
         self.lora = nn.ModuleList(LoRAQKV(width, lora_dim) for _ in range(layers)) if lora_dim > 0 else None
@@ -285,7 +238,7 @@ class TempMeEncoder(nn.Module):
 
         for layer, block in enumerate(visual.transformer.resblocks):
             if prompts is not None:
-                layer_prompts = prompts.base[layer] + prompts.dynamic  # (B, F, P, C)
+                layer_prompts = prompts.for_layer(layer)  # (B, F, P, C)
                 seqs = state.x.shape[0]
                 state = _set_prompt_slots(state, layer_prompts.reshape(seqs, state.frames_per_seq, prompts.num_prompts, channels))
             factor, r_clip, r_intra = block_merge_counts(self.schedule, layer, state.x.shape[1], state.protected)

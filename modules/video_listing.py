@@ -11,7 +11,7 @@ import logging
 import os
 import stat
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from modules.cli_support import DEFAULT_EXTENSIONS, UsageError
 
@@ -34,6 +34,12 @@ class VideoEntry:
     rel: str
     name: str = ""
     problem: Optional[str] = None
+    size: Optional[int] = None  # bytes, when listed
+    mtime_ns: Optional[int] = None  # modification time when listed
+
+    def source(self) -> Dict[str, Any]:
+        """What identifies the file an output came from: relative path, size, mtime."""
+        return {"rel": self.rel, "size": self.size, "mtime_ns": self.mtime_ns}
 
 
 def parse_extensions(value: Union[None, str, Sequence[str]]) -> Tuple[str, ...]:
@@ -139,7 +145,7 @@ def list_videos(
 
     walk(video_dir, "")
     found.sort(key=lambda pair: pair[0])
-    entries = [VideoEntry(path=full, rel=rel, problem=check_video_file(full)) for rel, full in found]
+    entries = [VideoEntry(path=full, rel=rel, problem=check_video_file(full), **_stat(full)) for rel, full in found]
     for entry, name in zip(entries, unique_names([e.rel for e in entries])):
         entry.name = name
     return entries
@@ -164,6 +170,14 @@ _CANDIDATES = (
     lambda rel: f"{_stem(rel)}-{_rel_digest(rel, 16)}",
     lambda rel: f"{_stem(rel)}-{_rel_digest(rel, 40)}",
 )
+
+
+def _stat(path: str) -> Dict[str, Optional[int]]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return {"size": None, "mtime_ns": None}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 def unique_names(rels: Sequence[str]) -> List[str]:

@@ -2,9 +2,13 @@
 
 A writer is one object with a small interface (:class:`Writer`)::
 
-    prepare(entries)   before any video is decoded: check the output folder is writable,
+    bind_model(fingerprint, parts)
+                       the model's fingerprint, to record with every embedding
+    prepare(entries, cleanup)
+                       before any video is decoded: check the output folder is writable,
                        remove temp files a killed run left
-    is_done(entry)     resume check: this video's outputs exist and can be trusted
+    is_done(entry)     resume check: this video's outputs exist, are readable, and came from
+                       this source file (path, size, mtime) and this model (fingerprint)
     write(result)      one video's outputs, each file atomically; OSError = that video failed
     close(report)      the whole-directory outputs (called once per process; ``report`` is
                        None on a shard that does not write them)
@@ -23,19 +27,21 @@ writer. Fields (all but name/video_path/status optional, so adding one breaks no
     representatives  (F,) position of each group's representative sampled frame
     video            the :class:`SampledVideo` without its frames: original frame numbers and
                      timestamps of the N sampled frames, duration, fps, frame count
-    source           the source file's size and mtime when it was listed
+    source           the source file as listed: {"rel", "size", "mtime_ns"}
 
 ``result.group_spans()`` gives the groups in original frame numbers and seconds
 (unified_model.group_spans); ``<name>_frames.npz`` is built from it only when written.
 
 :class:`OutputFilesWriter` is the writer behind the script's outputs: per video
-``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz``; per folder
+``<name>_embedding.npy`` / ``.json`` / ``<name>_frames.npz`` (and ``<name>_windows.npz``, the window
+table of a long video encoded by windows, ``modules.long_video``); per folder
 ``consolidated_embeddings.json`` + ``embeddings.npy`` + ``embeddings_index.json``
 (``--consolidated``) and ``extraction_summary.json`` (``--summary``).
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -62,8 +68,13 @@ CONSOLIDATED_JSON = "consolidated_embeddings.json"
 CONSOLIDATED_NPY = "embeddings.npy"
 CONSOLIDATED_INDEX = "embeddings_index.json"
 SUMMARY_JSON = "extraction_summary.json"
-#: endings of every per-video file (what stale-temp cleanup may remove temps of)
-PER_VIDEO_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz")
+#: a video's record of where its outputs came from: ``.<base>.meta.json`` beside them
+META_SUFFIX = ".meta.json"
+#: a long video's window table (modules.long_video.WINDOWS_SUFFIX: that module imports torch)
+WINDOWS_SUFFIX = "_windows.npz"
+#: endings of every file this writer makes (what stale-temp cleanup may remove temps of)
+OWN_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", WINDOWS_SUFFIX, META_SUFFIX, CONSOLIDATED_JSON,
+                CONSOLIDATED_NPY, CONSOLIDATED_INDEX, SUMMARY_JSON)
 
 
 @dataclass
@@ -87,7 +98,7 @@ class VideoResult:
     @classmethod
     def of(cls, entry: VideoEntry, status: str, error: Optional[str] = None,
            seconds: Optional[float] = None, **fields: Any) -> "VideoResult":
-        return cls(entry.name, entry.path, status, error, seconds, **fields)
+        return cls(entry.name, entry.path, status, error, seconds, source=entry.source(), **fields)
 
     def group_spans(self):
         """The groups in original frame numbers and seconds (:class:`unified_model.GroupSpans`)."""
@@ -124,6 +135,10 @@ class RunReport:
 class Writer:
     """Base of every writer (the defaults do nothing); see the module docstring."""
 
+    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+        """Before ``prepare``: the model's fingerprint (unified_model.model_fingerprint) and its
+        parts (weights, checkpoint, config), to store with every embedding written."""
+
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         """Before any decode. ``cleanup``: no other process writes here now (one shard)."""
 
@@ -136,6 +151,12 @@ class Writer:
 
     def close(self, report: Optional[RunReport]) -> None:
         """The whole-directory outputs (``report`` None: another process writes them)."""
+
+
+def meta_path(output_dir: str, name: str) -> str:
+    """``<folder>/.<base>.meta.json``: where a video's outputs came from (written last)."""
+    folder, base = os.path.split(os.path.join(output_dir, *name.split("/")))
+    return os.path.join(folder, f".{base}{META_SUFFIX}")
 
 
 def output_files(output_dir: str, name: str, save_format: str, save_frame_features: bool) -> Dict[str, str]:
@@ -151,15 +172,46 @@ def output_files(output_dir: str, name: str, save_format: str, save_frame_featur
     return files
 
 
+def read_embedding_file(path: str) -> np.ndarray:
+    """One ``*_embedding.npy`` / ``.json`` file -> (D,) float32.
+
+    Raises ValueError (with the reason) for an empty, truncated or malformed file, OSError
+    when it cannot be read.
+    """
+    try:
+        if path.endswith(".npy"):
+            vector = np.load(path, allow_pickle=False)
+        else:
+            with open(path, encoding="utf-8") as fh:
+                vector = np.asarray(json.load(fh)["embedding"], dtype=np.float32)
+    except (EOFError, KeyError, TypeError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: unreadable embedding file ({type(err).__name__}: {err})") from None
+    if vector.ndim != 1 or vector.size == 0 or vector.dtype.kind != "f":
+        raise ValueError(f"{path}: not an embedding vector (shape {vector.shape}, dtype {vector.dtype})")
+    return vector.astype(np.float32, copy=False)
+
+
 def load_embedding(output_dir: str, name: str) -> Optional[np.ndarray]:
-    """A video's saved embedding (from ``.npy``, else ``.json``), or None if neither exists."""
+    """A video's saved embedding (from ``.npy``, else ``.json``), or None if neither exists
+    or is readable."""
     files = output_files(output_dir, name, "both", False)
-    if os.path.isfile(files["npy"]):
-        return np.load(files["npy"], allow_pickle=False).astype(np.float32, copy=False)
-    if os.path.isfile(files["json"]):
-        with open(files["json"], encoding="utf-8") as fh:
-            return np.asarray(json.load(fh)["embedding"], dtype=np.float32)
+    for kind in ("npy", "json"):
+        if os.path.isfile(files[kind]):
+            try:
+                return read_embedding_file(files[kind])
+            except (OSError, ValueError) as err:
+                logger.warning("%s", err)
     return None
+
+
+def read_meta(output_dir: str, name: str) -> Optional[Dict[str, Any]]:
+    """A video's ``.meta.json`` record, or None when missing or unreadable."""
+    try:
+        with open(meta_path(output_dir, name), encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def _embedding_json_text(fields: Dict[str, Any]) -> str:
@@ -202,7 +254,12 @@ def result_counts(records: Sequence[VideoResult], elapsed: float, output_dir: st
 
 
 class OutputFilesWriter(Writer):
-    """Per-video embedding files, the consolidated files and the summary (module docstring)."""
+    """Per-video embedding files, the consolidated files and the summary (module docstring).
+
+    Each video's files are written embedding files first and ``.<base>.meta.json`` last
+    (source rel/size/mtime, model fingerprint): outputs are trusted only with a matching
+    record, so a deleted-and-replaced video, another model or a damaged file is recomputed.
+    """
 
     def __init__(self, output_dir: str, save_format: str = "numpy", save_frame_features: bool = False,
                  consolidated: bool = False, summary: bool = False, overwrite: bool = False):
@@ -212,23 +269,83 @@ class OutputFilesWriter(Writer):
         self.consolidated = consolidated
         self.summary = summary
         self.overwrite = overwrite
+        self.model_fingerprint: Optional[str] = None
+        self.untrusted: Dict[str, int] = {}  # reason -> videos whose old outputs were not reused
 
     def files(self, name: str) -> Dict[str, str]:
         return output_files(self.output_dir, name, self.save_format, self.save_frame_features)
 
+    def windows_path(self, name: str) -> str:
+        """A long video's window table (only videos cut into windows have one)."""
+        return os.path.join(self.output_dir, *name.split("/")) + WINDOWS_SUFFIX
+
+    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+        self.model_fingerprint = fingerprint
+
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
+        check_writable(self.output_dir)
         if cleanup:
-            removed = cleanup_stale_temp_files(self.output_dir)
+            folders = {self.output_dir} | {os.path.dirname(meta_path(self.output_dir, e.name)) for e in entries}
+            removed = cleanup_stale_temp_files(self.output_dir, final_suffixes=OWN_SUFFIXES, folders=sorted(folders))
             if removed:
                 logger.info("removed %d temporary files left by an interrupted run", removed)
 
+    def trusted(self, entry: VideoEntry, files: Optional[Dict[str, str]] = None) -> Optional[str]:
+        """Why ``entry``'s outputs on disk cannot be used (None: they can)."""
+        files = self.files(entry.name) if files is None else files
+        meta = read_meta(self.output_dir, entry.name)
+        if meta is None:
+            return "no record of their source"
+        if meta.get("source") != entry.source():
+            return "another source file"
+        if meta.get("fingerprint") != self.model_fingerprint:
+            return "another model"
+        for kind, path in files.items():
+            try:
+                if kind == "frames":
+                    with np.load(path, allow_pickle=False) as npz:
+                        npz["frame_features"]
+                else:
+                    read_embedding_file(path)
+            except (OSError, ValueError, EOFError, KeyError):
+                return "unreadable files" if os.path.exists(path) else "missing files"
+        return None
+
     def is_done(self, entry: VideoEntry) -> bool:
-        return not self.overwrite and all(os.path.isfile(p) for p in self.files(entry.name).values())
+        if self.overwrite:
+            return False
+        files = self.files(entry.name)
+        if not any(os.path.lexists(p) for p in (*files.values(), meta_path(self.output_dir, entry.name))):
+            return False  # never written: nothing to report
+        reason = self.trusted(entry, files)
+        if reason is not None:
+            # removed now, so a video whose recomputation fails leaves no stale outputs behind
+            self.untrusted[reason] = self.untrusted.get(reason, 0) + 1
+            logger.debug("%s: recomputing its outputs (%s)", entry.path, reason)
+            self.discard(entry.name)
+        return reason is None
+
+    def discard(self, name: str) -> None:
+        """Remove a video's outputs (its record first: files without one are never trusted)."""
+        paths = [meta_path(self.output_dir, name), *output_files(self.output_dir, name, "both", True).values(),
+                 self.windows_path(name)]
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.remove(path)
 
     def write(self, result: VideoResult) -> None:
-        """Write one video's files (each atomically); the embedding files last."""
+        """Write one video's files (each atomically); embedding files, then the record."""
         files = self.files(result.name)
+        record = meta_path(self.output_dir, result.name)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(record)  # outputs being replaced are untrusted until the new record is in
+        table = result.extra.get("windows")  # a long video's window table (modules.long_video)
+        if table is not None:
+            from modules.long_video import frames_payload_from_table
+
+            save_npz_atomic(self.windows_path(result.name), **table.to_arrays())
+            if "frames" in files:
+                save_npz_atomic(files["frames"], **frames_payload_from_table(table))
         if "frames" in files and result.group_features is not None:
             save_npz_atomic(files["frames"], **frames_payload(result))
         embedding = result.embedding
@@ -241,12 +358,18 @@ class OutputFilesWriter(Writer):
             }))
         if "npy" in files:
             save_npy_atomic(files["npy"], embedding)
+        save_json_atomic(record, {"video_path": result.video_path, "source": result.source,
+                                  "fingerprint": self.model_fingerprint, "files": sorted(files)}, indent=None)
 
     def close(self, report: Optional[RunReport]) -> None:
+        if self.untrusted:
+            logger.info("recomputed videos whose outputs could not be reused: %s",
+                        ", ".join(f"{n} ({reason})" for reason, n in sorted(self.untrusted.items())))
         if report is None:
             return
         if self.consolidated:
-            write_consolidated(self.output_dir, report.entries, report.model_info)
+            trusted = [e for e in report.entries if e.problem is None and self.trusted(e, {}) is None]
+            write_consolidated(self.output_dir, trusted, report.model_info, total=len(report.entries))
         if self.summary:
             counts = result_counts(report.records, report.elapsed, self.output_dir)
             totals = {k: counts[k] for k in ("total", "processed", "skipped", "failed", "elapsed_seconds",
@@ -260,62 +383,81 @@ class OutputFilesWriter(Writer):
             })
 
 
-def write_consolidated(output_dir: str, entries: Sequence[VideoEntry],
-                       model_info: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Assemble the whole-directory files from the per-video files on disk.
+def check_writable(folder: str) -> None:
+    """Create ``folder`` if needed and check that files can be created in it (UsageError)."""
+    from modules.cli_support import UsageError
 
-    Writes (each atomically) ``consolidated_embeddings.json`` ({embeddings: {name:
-    {embedding, shape, video_path}}, metadata: {total_videos, successful, failed,
-    processing_date}}), ``embeddings.npy`` (M, D) float32 with one row per video that has
-    an embedding, in sorted order, and ``embeddings_index.json`` (row -> name, video_path).
-    Reads one video at a time: memory does not grow with the number of videos.
-    Returns the metadata.
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = temp_path(os.path.join(folder, ".write-check"))
+        with open(probe, "xb"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise UsageError(f"output folder is not writable: {folder} ({err.strerror or err})") from None
+
+
+def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_info: Optional[Dict[str, Any]] = None,
+                       total: Optional[int] = None) -> Dict[str, Any]:
+    """Assemble the whole-directory files from the per-video files of ``entries`` on disk.
+
+    Writes ``embeddings.npy`` (M, D) float32, one row per entry with a readable embedding, in
+    order; ``consolidated_embeddings.json`` ({embeddings: {name: {embedding, shape,
+    video_path}}, metadata: {total_videos, successful, failed, processing_date}}); and last
+    ``embeddings_index.json`` (row -> name, video_path; the matrix's sha256, so a matrix
+    and an index from different runs are never paired). Each file is written atomically
+    with plain writes (no memory map: a full disk is an OSError naming the file, not a
+    SIGBUS). Reads one video at a time: memory does not grow with the number of videos.
+    ``total``: videos listed (default len(entries)). Returns the metadata.
     """
     present: List[VideoEntry] = []
+    dim = 0
     for entry in entries:
-        files = output_files(output_dir, entry.name, "both", False)
-        if os.path.isfile(files["npy"]) or os.path.isfile(files["json"]):
+        emb = load_embedding(output_dir, entry.name)
+        if emb is not None and (not present or emb.shape[0] == dim):
             present.append(entry)
+            dim = int(emb.shape[0])
+    total = len(entries) if total is None else total
     metadata = {
-        "total_videos": len(entries),
+        "total_videos": total,
         "successful": len(present),
-        "failed": len(entries) - len(present),
+        "failed": total - len(present),
         "processing_date": datetime.now().strftime("%Y-%m-%d %H:%M:%S"),
     }
-    npy_path = os.path.join(output_dir, CONSOLIDATED_NPY)
-    matrix_tmp = temp_path(npy_path)
-    state: Dict[str, Any] = {"matrix": None, "dim": None}
-    try:
-        def write_json(fh) -> None:
-            fh.write('{\n  "embeddings": {')
-            for row, entry in enumerate(present):
-                emb = load_embedding(output_dir, entry.name)
-                if emb is None:  # deleted by someone else meanwhile: better no file than a wrong one
-                    raise RuntimeError(f"{entry.name}: embedding file disappeared while consolidating")
-                if state["matrix"] is None:
-                    state["dim"] = int(emb.shape[0])
-                    state["matrix"] = np.lib.format.open_memmap(matrix_tmp, mode="w+", dtype=np.float32,
-                                                                shape=(len(present), state["dim"]))
-                state["matrix"][row] = emb
-                item = {"embedding": [float(x) for x in emb], "shape": list(emb.shape), "video_path": entry.path}
-                fh.write(("\n" if row == 0 else ",\n") + f"    {json.dumps(entry.name, ensure_ascii=False)}: "
-                         + json.dumps(item, ensure_ascii=False))
-            fh.write("\n  },\n" if present else "},\n")
-            fh.write('  "metadata": ' + json.dumps(metadata, indent=2, ensure_ascii=False).replace("\n", "\n  ") + "\n}\n")
 
-        atomic_write(os.path.join(output_dir, CONSOLIDATED_JSON), write_json, mode="w")
-        if state["matrix"] is None:
-            state["matrix"] = np.lib.format.open_memmap(matrix_tmp, mode="w+", dtype=np.float32, shape=(0, 0))
-        state["matrix"].flush()
-        state["matrix"] = None
-        os.replace(matrix_tmp, npy_path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(matrix_tmp)
+    def rows():
+        for entry in present:
+            emb = load_embedding(output_dir, entry.name)
+            if emb is None or emb.shape[0] != dim:  # changed by someone else meanwhile: no file beats a wrong one
+                raise RuntimeError(f"{entry.name}: embedding file changed while consolidating; rerun --consolidated")
+            yield entry, emb
+
+    digest = hashlib.sha256()
+
+    def write_matrix(fh) -> None:
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (len(present), dim) if present else (0, 0)})
+        for _, emb in rows():
+            data = emb.astype("<f4").tobytes()
+            digest.update(data)
+            fh.write(data)
+
+    def write_json(fh) -> None:
+        fh.write('{\n  "embeddings": {')
+        for row, (entry, emb) in enumerate(rows()):
+            item = {"embedding": [float(x) for x in emb], "shape": list(emb.shape), "video_path": entry.path}
+            fh.write(("\n" if row == 0 else ",\n") + f"    {json.dumps(entry.name, ensure_ascii=False)}: "
+                     + json.dumps(item, ensure_ascii=False))
+        fh.write("\n  },\n" if present else "},\n")
+        fh.write('  "metadata": ' + json.dumps(metadata, indent=2, ensure_ascii=False).replace("\n", "\n  ") + "\n}\n")
+
+    atomic_write(os.path.join(output_dir, CONSOLIDATED_NPY), write_matrix)
+    atomic_write(os.path.join(output_dir, CONSOLIDATED_JSON), write_json, mode="w")
     save_json_atomic(os.path.join(output_dir, CONSOLIDATED_INDEX), {
         "matrix": CONSOLIDATED_NPY,
-        "shape": [len(present), state["dim"] or 0],
+        "shape": [len(present), dim],
         "dtype": "float32",
+        "matrix_sha256": digest.hexdigest(),
         "names": [e.name for e in present],
         "video_paths": [e.path for e in present],
         "model": model_info or {},

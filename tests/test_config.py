@@ -82,7 +82,10 @@ def test_seed_schedule_2_2_2_refused_with_explanation():
         ({"top_k": True}, "top_k"),
         ({"training": {"training_mode": "both"}}, "training.training_mode"),
         ({"training": {"tempme_lr": 0}}, "training.tempme_lr"),
-        ({"training": {"num_epochs": 2, "sequential_split": 3}}, "training.sequential_split"),
+        ({"training": {"training_mode": "sequential", "num_epochs": 2, "sequential_split": 3}},
+         "training.sequential_split"),
+        ({"training": {"training_mode": "sequential", "num_epochs": 1}}, "training.num_epochs"),
+        ({"training": {"amp_dtype": "fp8"}}, "training.amp_dtype"),
         ({"training": {"typo": 3}}, "training.typo"),
     ],
 )
@@ -115,3 +118,92 @@ def test_comment_keys_are_ignored():
 def test_no_merging_schedule_is_allowed():
     cfg = from_dict({"tempme": {"merge_frame_num": "", "merge_layer": []}})
     assert cfg.tempme.frame_factors == [] and cfg.tempme.merge_layer == []
+
+
+def test_seed_style_config_gets_a_hint_for_its_frame_count():
+    """The user's troubleshooting advice (max_frames 8) with the default schedule: the hint
+    is computed for 8 frames, not the fixed 12-frame example (failed before: it said '2-2-3')."""
+    with pytest.raises(ConfigError) as err:
+        from_dict({"max_frames": 8, "num_segments": 16})
+    assert err.value.key == "tempme.merge_frame_num"
+    assert "for 8 frames use e.g. '2-2-2'" in str(err.value)
+    with pytest.raises(ConfigError, match="for 16 frames use e.g. '2-2-4'"):
+        from_dict({"max_frames": 16, "tempme": {"merge_frame_num": "3-3-3"}})
+
+
+def test_all_problems_of_a_config_are_reported_at_once(tmp_path):
+    """The seed README's config has several problems; one run names them all (failed before:
+    only the first, one per run), on one line, naming the file."""
+    seed = {"tempme": {"merge_frame_num": "2-2-2", "merge_layer": [6, 8, 10], "merge_token_proportion": [0.3, 0.7]},
+            "stop": {"sim_header": "meanP", "bogus": 1}, "max_frames": 12, "top_k": 0,
+            "training": {"batch_size": 0, "typo": 1}}
+    path = tmp_path / "seed.json"
+    path.write_text(json.dumps(seed))
+    with pytest.raises(ConfigError) as err:
+        from_json(path)
+    keys = [k for k, _ in err.value.problems]
+    assert keys == ["tempme.merge_token_proportion[1]", "stop.bogus", "training.typo", "training.batch_size",
+                    "top_k", "tempme.merge_frame_num"]
+    text = str(err.value)
+    assert "\n" not in text and text.endswith(f"(in {path})")
+    assert text.startswith("tempme.merge_token_proportion[1]: must be a fraction") and "; stop.bogus: unknown key" in text
+    # type problems of a section are reported together with the other sections' problems
+    with pytest.raises(ConfigError) as err:
+        from_dict({"tempme": {"lora_dim": "8", "tome_r": "x"}, "stop": {"num_prompts": 0}})
+    assert [k for k, _ in err.value.problems] == ["tempme.lora_dim", "tempme.tome_r", "stop.num_prompts"]
+
+
+def test_sequential_split_only_matters_in_sequential_mode():
+    """A num_epochs edit alone keeps the template valid in every other mode (failed before:
+    'training.sequential_split: must be in [0, num_epochs=2]' in joint mode)."""
+    cfg = from_dict({"training": {"training_mode": "joint", "num_epochs": 2, "sequential_split": 10}})
+    assert cfg.training.num_epochs == 2
+    with pytest.raises(ConfigError, match=r"^training\.sequential_split: must be in \[1, num_epochs - 1 = 1\]"):
+        from_dict({"training": {"training_mode": "sequential", "num_epochs": 2, "sequential_split": 2}})
+
+
+def test_merge_schedule_is_parsed_once_from_the_config():
+    from config import MergeSchedule
+
+    schedule = from_dict({"tempme": {"merge_frame_num": "3-2-2", "merge_layer": "7-9-11", "tome_r": 1,
+                                     "merge_token_proportion": [0.2, 0.05]}}).tempme.schedule
+    assert schedule == MergeSchedule(merge_layers=(7, 9, 11), frame_factors=(3, 2, 2), clip_ratio=0.2,
+                                     intra_ratio=0.05, tome_r=1)
+    assert schedule.clips_before_merges(12) == [12, 4, 2]
+    with pytest.raises(ConfigError, match=r"^tempme\.merge_layer: layers are 0-indexed blocks of the 4-block"):
+        schedule.check(12, depth=4)  # the encoder's check against the weights it was built from
+
+
+def test_fp16_on_cpu_runs_as_fp32_unless_forced(tmp_path, caplog):
+    """Issue 11.9 / 15.1 (failed before: fp16 on CPU ran without a word). Forced, the fp16
+    autocast path runs on CPU and stays close to fp32."""
+    import logging
+
+    import torch
+
+    from config import effective_precision
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+    from modules.training import small_config_dict
+    from unified_model import create_unified_model
+
+    assert effective_precision("fp16", "cuda") == "fp16" and effective_precision("bf16", "cpu") == "bf16"
+    assert effective_precision("fp16", "cpu", force=True) == "fp16"
+    clip_file = tmp_path / "clip.pt"
+    torch.save(random_state_dict(small_arch(32, vision_width=64, vision_layers=2, text_width=64, text_layers=2)), clip_file)
+    data = small_config_dict(32, vision_layers=2)
+    data["clip_weights"] = str(clip_file)
+    fp16 = from_dict({**data, "precision": "fp16"})
+    with caplog.at_level(logging.WARNING):
+        model = create_unified_model(config=fp16, device="cpu")
+    assert model.config.precision == "fp32" and fp16.precision == "fp16"  # the caller's config is untouched
+    assert "precision fp16 on CPU is much slower than fp32" in caplog.text
+    forced = create_unified_model(config=fp16, device="cpu", force_precision=True)
+    plain = create_unified_model(config=from_dict(data), device="cpu")
+    assert forced.config.precision == "fp16"
+    frames = torch.randn(2, 8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        half = forced.encode_videos(frames).video_embeddings.float()
+        full = plain.encode_videos(frames).video_embeddings
+    cosine = torch.nn.functional.cosine_similarity(half, full, dim=-1)
+    assert (cosine > 0.99).all() and not torch.equal(half, full), cosine  # ran in fp16, close to fp32

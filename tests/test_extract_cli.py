@@ -5,6 +5,7 @@ and torchrun with 2 CPU processes. Random ViT-B/32 weights, 4-frame config.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -72,6 +73,9 @@ def test_usage_errors_exit_2_with_one_line(tmp_path, config):
     assert proc.returncode == 2 and "--save_format" in proc.stderr
     proc = run_script(SCRIPT, ["--video_dir", videos, "--parallel_batches", "0"], timeout=60)
     assert proc.returncode == 2 and "--parallel_batches" in proc.stderr
+    proc = run_script(SCRIPT, ["--video_dir", videos, "--output_dir", "", "--config_path", config], timeout=60)
+    assert proc.returncode == 2 and "--output_dir" in proc.stderr, describe(proc)
+    no_traceback(proc)
 
 
 def test_formats_unique_names_and_frame_features(tmp_path, config):
@@ -139,10 +143,14 @@ def _write_hostile_dir(folder: Path) -> tuple[set, dict]:
         "rotated.mp4": _clip(folder / "rotated.mp4", 6, size=(48, 32), rotate=90),
         "vidéo à espaces ✓.mp4": _clip(folder / "vidéo à espaces ✓.mp4", 6),
     }
+    # non-UTF-8 names (Latin-1 bytes; two that differ only by case): embedded, JSON escapes them
+    for raw in (b"caf\xe9.mp4", b"CAF\xe9.mp4"):
+        good[os.fsdecode(raw)] = shutil.copy(good["vfr.mp4"], folder / os.fsdecode(raw))
     (folder / "zero_bytes.mp4").touch()
     source = _clip(folder.parent / "source.mp4", 30)
     write_truncated(source, folder / "truncated.mp4", keep_fraction=0.4)
     write_text_file(folder / "notes.mp4")
+    write_text_file(folder / os.fsdecode(b"bad\xff.mp4"))
     write_audio_only(folder / "audio_only.mp4", seconds=0.5)
     os.symlink("does_not_exist.mp4", folder / "broken_link.mp4")
     os.mkfifo(folder / "pipe.mp4")  # opening it would block forever: must be detected
@@ -151,6 +159,7 @@ def _write_hostile_dir(folder: Path) -> tuple[set, dict]:
         "zero_bytes.mp4": "empty file",
         "truncated.mp4": "truncated",
         "notes.mp4": "not a readable video",
+        os.fsdecode(b"bad\xff.mp4"): "not a readable video",
         "audio_only.mp4": "no video stream",
         "broken_link.mp4": "broken symbolic link",
         "pipe.mp4": "FIFO",
@@ -168,7 +177,14 @@ def test_hostile_directory(tmp_path, config):
     videos = tmp_path / "videos"
     videos.mkdir()
     good, bad = _write_hostile_dir(videos)
+    # crafted names: a.mp4, A.mp4 and a file named like a.mp4's hashed output name
+    crafted = {"a.mp4", "A.mp4", f"a-{hashlib.sha1(b'a.mp4').hexdigest()[:8]}.mkv"}
+    for seed, name in enumerate(sorted(crafted)):
+        _clip(videos / name, 4 + 2 * seed)
+    write_text_file(videos / "new\nline.mp4")  # a failure whose name holds a newline
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "one_frame_embedding.npy").write_bytes(b"")  # an empty stale output: recomputed
     start = time.monotonic()
     proc = run_script(SCRIPT, ["--video_dir", videos, "--output_dir", out, "--config_path", config, "--summary",
                                "--consolidated", "--num_workers", "1", "--batch_size", "3"], timeout=240)
@@ -177,21 +193,35 @@ def test_hostile_directory(tmp_path, config):
     assert time.monotonic() - start < 200
     summary = json.loads((out / "extraction_summary.json").read_text())
     status = {Path(v["video_path"]).name: v for v in summary["videos"]}
-    assert set(status) == good | set(bad)
+    assert set(status) == good | set(bad) | crafted | {"new\nline.mp4"}
+    crafted_names = [status[n]["name"] for n in crafted]
+    assert len({n.casefold() for n in crafted_names}) == 3, crafted_names
+    for name in crafted:
+        assert status[name]["status"] == "success", status[name]
+        assert np.load(out / f"{status[name]['name']}_embedding.npy").shape == (512,)
+    failed_lines = [line for line in proc.stdout.splitlines() if line.startswith("FAILED ")]
+    assert len(failed_lines) == len(bad) + 1, proc.stdout
+    assert any(line.startswith(f"FAILED {videos}/new\\nline.mp4: ") for line in failed_lines), failed_lines
     for name in good:
         assert status[name]["status"] == "success", status[name]
         stem = name[: -len(".mp4")]
-        assert np.load(out / f"{stem}_embedding.npy").shape == (512,)
+        if "\udce9" not in stem:  # the two non-UTF-8 names differ only by case: both get hashed names
+            assert np.load(out / f"{stem}_embedding.npy").shape == (512,)
+    assert len(list(out.glob("*_embedding.npy"))) == len(good)
+    for json_file in out.glob("*.json"):
+        json_file.read_bytes().decode("utf-8")  # valid UTF-8: the odd bytes are escaped
     for name, words in bad.items():
         assert status[name]["status"] == "failed", status[name]
         reason = status[name]["error"]
         assert words.lower() in reason.lower(), (name, reason)
         assert "\n" not in reason
-        assert f"FAILED {videos / name}: {reason}" in proc.stdout
+        shown = os.fspath(videos / name).encode("utf-8", "backslashreplace").decode()
+        assert f"FAILED {shown}: {reason}" in proc.stdout
     totals = summary["totals"]
-    assert (totals["processed"], totals["failed"], totals["total"]) == (len(good), len(bad), len(good) + len(bad))
+    ok, failed = len(good) + len(crafted), len(bad) + 1
+    assert (totals["processed"], totals["failed"], totals["total"]) == (ok, failed, ok + failed)
     meta = json.loads((out / "consolidated_embeddings.json").read_text())["metadata"]
-    assert (meta["successful"], meta["failed"]) == (len(good), len(bad))
+    assert (meta["successful"], meta["failed"]) == (ok, failed)
     assert not (out / "pipe_embedding.npy").exists() and not (out / "folder_embedding.npy").exists()
 
 

@@ -128,3 +128,32 @@ def test_demo_without_weights_uses_random_and_says_so(tmp_path):
     assert "INFERENCE RESULTS" in out and "Number of frames: 2" in out
     assert "SEARCH RESULTS" in out and "2 videos, from embeddings.npy + embeddings_index.json" in out
     assert "Demo finished: every stage ran." in out
+    # it deletes its folder at the end, so it prints no path into it (failed before: /tmp/unified_demo_...)
+    assert "unified_demo_" not in out and "Demo: wrote 2 videos (3 s, 160x120, 15 fps) to videos/" in out
+
+
+def test_non_utf8_names_and_lone_surrogate_queries_still_write_results(tmp_path, config):
+    """A lone-surrogate query is reported as a bad item; a non-UTF-8 video name is processed;
+    the results file is written (valid UTF-8 JSON) in both runs and nothing crashes."""
+    import os
+
+    video = tmp_path / os.fsdecode(b"caf\xe9.mp4")
+    write_video(tmp_path / "plain.mp4", 8, fps=12, size=(48, 32), gop=4)
+    shutil.copy(tmp_path / "plain.mp4", video)
+    batch = tmp_path / "batch.json"
+    batch.write_text('[{"video_path": "plain.mp4", "query": "\\ud800 lone"},'
+                     ' {"video_path": "plain.mp4", "query": "a clip"}]')
+    out = tmp_path / "results.json"
+    proc = run_script(SCRIPT, ["--batch_file", batch, "--output", out, "--config", config, "-q"], timeout=180)
+    assert proc.returncode == 1, describe(proc)  # one bad pair
+    no_traceback(proc)
+    results = json.loads(out.read_bytes().decode("utf-8"))
+    assert [r["status"] for r in results] == ["error", "success"], results
+    assert "lone surrogate" in results[0]["error"]
+    single = tmp_path / "single.json"
+    proc = run_script(SCRIPT, ["--video_path", video, "--query", "a clip", "--output", single, "--config", config],
+                      timeout=180)
+    assert proc.returncode == 0, describe(proc)
+    no_traceback(proc)
+    (result,) = json.loads(single.read_bytes().decode("utf-8"))
+    assert result["status"] == "success" and result["video_path"] == os.fspath(video)

@@ -177,3 +177,109 @@ def test_windows_are_encoded_like_short_videos_of_their_frames(model, clip10s):
     again = WindowTable.from_arrays(table.to_arrays())
     for name in WindowTable.ARRAYS:
         np.testing.assert_array_equal(getattr(again, name), getattr(table, name))
+
+
+# ----------------------------------------------------------------------------- the directory pipeline
+
+
+def _extract_cmd(video_dir, out, config):
+    import sys
+
+    from tests.cli_utils import ROOT
+
+    return [sys.executable, str(ROOT / "extract_video_embeddings.py"), "--video_dir", str(video_dir),
+            "--output_dir", str(out), "--config_path", str(config), "--num_workers", "0",
+            "--parallel_batches", "1", "--save_frame_features", "--quiet"]
+
+
+def test_directory_run_writes_the_window_table(tmp_path, model):
+    from modules.extraction import extract_directory_embeddings
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "long.mp4", 100, fps=FPS, size=(64, 48), gop=25)
+    write_video(videos / "short.mp4", 12, fps=FPS, size=(64, 48))
+    out = tmp_path / "out"
+    result = extract_directory_embeddings(videos, out, model=model, num_workers=0, save_frame_features=True,
+                                          window_seconds=1.5, progress=False)
+    assert result["processed"] == 2 and result["failed"] == 0
+    with np.load(out / "long_windows.npz", allow_pickle=False) as npz:
+        table = WindowTable.from_arrays(dict(npz))
+    assert table.num_windows == 3 and table.complete  # 4 s: [0, 1.5), [1.5, 3), [3, 4)
+    np.testing.assert_allclose(np.load(out / "long_embedding.npy"), table.embedding, atol=1e-6)
+    with np.load(out / "long_frames.npz", allow_pickle=False) as npz:
+        assert npz["frame_features"].shape[0] == table.group_features.shape[0] * table.group_features.shape[1]
+        np.testing.assert_array_equal(npz["window_index"], np.repeat(np.arange(3), table.group_features.shape[1]))
+    # a video shorter than a window is one window equal to the unwindowed embedding
+    np.testing.assert_allclose(np.load(out / "short_embedding.npy"),
+                               model.extract_video_embedding(videos / "short.mp4"), atol=1e-6)
+
+
+def test_resume_after_sigkill_in_a_long_video_redoes_only_that_video(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.cli_utils import write_small_config
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mp4", 12, fps=FPS, size=(48, 32))
+    write_video(videos / "b_long.mp4", 200, fps=FPS, size=(48, 32), gop=25)  # 8 s: 16 windows of 0.5 s
+    write_video(videos / "c.mp4", 12, fps=FPS, size=(48, 32))
+    config = write_small_config(tmp_path, window_seconds=0.5)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(_extract_cmd(videos, out, config), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out / "a_embedding.npy").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # into the long video's windows
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    if (out / "b_long_embedding.npy").exists() or not (out / "a_embedding.npy").exists():
+        pytest.skip("the kill did not land inside the long video on this machine")
+    a_stat = os.stat(out / "a_embedding.npy")
+    rerun = subprocess.run(_extract_cmd(videos, out, config) + ["--summary"], capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    import json
+
+    summary = json.loads((out / "extraction_summary.json").read_text())
+    status = {v["name"]: v["status"] for v in summary["videos"]}
+    assert status == {"a": "skipped", "b_long": "success", "c": "success"}
+    assert os.stat(out / "a_embedding.npy").st_mtime_ns == a_stat.st_mtime_ns  # not rewritten
+    with np.load(out / "b_long_windows.npz", allow_pickle=False) as npz:
+        assert WindowTable.from_arrays(dict(npz)).num_windows == 16
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # the killed run's temp files are gone
+
+
+def test_moments_come_from_the_library_without_decoding(tmp_path, model, monkeypatch):
+    from modules.extraction import extract_directory_embeddings
+    from modules.library_builder import index_extraction_folder
+    from modules.long_video import retrieve_moments
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = write_video(videos / "long.mp4", 100, fps=FPS, size=(64, 48), gop=25)
+    out = tmp_path / "out"
+    extract_directory_embeddings(videos, out, model=model, num_workers=0, consolidated=True, window_seconds=1.5,
+                                 progress=False)
+    assert index_extraction_folder(out)["segments"] == 3 * model.config.max_frames
+    decoded = retrieve_moments(model, clip, "a red square", top_k=5, window=(1.5, 1.5))
+    assert decoded["status"] == "success" and decoded["source"] == "decoded" and decoded["windows"] == 3
+
+    import modules.long_video as long_video
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the library holds the windows")
+
+    monkeypatch.setattr(long_video, "encode_long_video", no_decoding)
+    from_library = retrieve_moments(model, clip, "a red square", top_k=5, window=(1.5, 1.5), library_dir=out)
+    assert from_library["status"] == "success" and from_library["source"] == "library"
+    keys = ("frame", "window", "group", "start_frame", "end_frame", "start_time", "end_time", "window_start",
+            "window_end")
+    assert [[s[k] for k in keys] for s in from_library["segments"]] == \
+        [[s[k] for k in keys] for s in decoded["segments"]]
+    np.testing.assert_allclose(from_library["scores"], decoded["scores"], atol=1e-5)
+    assert decoded["segments"][0]["window_start"] <= decoded["segments"][0]["start_time"]

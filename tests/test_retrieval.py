@@ -60,6 +60,31 @@ def test_batch_matches_single_retrieval_and_reports_bad_items(model, clip_path, 
     assert "Number of frames: 3" in block and "Inference time:" in block
 
 
+def test_report_says_when_fewer_frame_groups_exist_than_asked(model, clip_path):
+    """Issue 11.12 (failed before: 'Number of frames: 4' with no word about --top_k 50)."""
+    result = batch_retrieve_events([{"video_path": str(clip_path), "query": "a pattern"}], model=model, top_k=50)[0]
+    n = len(result["frames"])
+    assert 0 < n < 50
+    assert f"Number of frames: {n} (only {n} frame groups exist; 50 asked for)" in format_inference_block(result, 50)
+    assert f"Number of frames: {n}\n" in format_inference_block(result, n)
+
+
+def test_one_frame_video_spans_zero_seconds(model, tmp_path):
+    """Issue 11.12 (failed before: 0.00s-0.08s, the frame's display time at 12 fps)."""
+    still = write_video(tmp_path / "still.mp4", 1, fps=12, size=(64, 48))
+    result = batch_retrieve_events([{"video_path": str(still), "query": "a pattern"}], model=model, top_k=2)[0]
+    assert result["status"] == "success" and result["frames"] == [0]
+    assert [(s["start_time"], s["end_time"]) for s in result["segments"]] == [(0.0, 0.0)]
+    assert "0.00s-0.00s (frames 0-0)" in format_inference_block(result)
+
+
+def test_batch_item_with_a_non_string_path_says_so():
+    """Issue 11.12 (failed before: "missing or empty 'video_path'" for {"video_path": 3})."""
+    results = batch_retrieve_events([{"video_path": 3, "query": "x"}, {"video_path": "a.mp4", "query": ["x"]}])
+    assert results[0]["error"] == "'video_path' must be a string, got int 3"
+    assert results[1]["error"] == "'query' must be a string, got list ['x']"
+
+
 def test_load_batch_file_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("[{")

@@ -171,3 +171,36 @@ def test_extract_index_flag_builds_extends_and_refuses_another_model(tmp_path):
     assert refused.returncode == 2 and "another model" in refused.stderr and "--config_path" in refused.stderr
     assert not (out / "four_embedding.npy").exists()  # refused before extracting anything
     assert len(VideoLibrary.open(out)) == 3
+
+
+def test_long_video_windows_become_moments_with_window_fields(tmp_path):
+    """h5's WindowTable through the LibraryWriter: one segment per group of every window."""
+    from modules.library import VideoLibrary
+    from modules.library_cli import cli_fingerprint
+    from modules.library_writer import LibraryWriter
+    from modules.long_video import encode_long_video
+    from modules.search_server import cut_frame
+    from modules.writers import VideoResult
+    from tests.cli_utils import small_model
+    from tests.video_factory import write_video
+
+    clip = write_video(tmp_path / "long.mp4", 60, fps=10, size=(64, 48), gop=5)
+    table = encode_long_video(small_model(), clip, window_seconds=2.0)
+    assert table.num_windows == 3
+    fingerprint = cli_fingerprint(str(write_small_config(tmp_path)), None, None)
+    writer = LibraryWriter(str(tmp_path / "out"), fingerprint)
+    writer.prepare([])
+    writer.write(VideoResult("long", str(clip), "success", embedding=table.embedding, extra={"windows": table}))
+    writer.close(None)
+    library = VideoLibrary.open(tmp_path / "out")
+    segments = library.table("segments").to_pylist()
+    assert len(segments) == table.num_windows * table.group_features.shape[1]
+    assert sorted({s["window_index"] for s in segments}) == [0, 1, 2]
+    for seg in segments:
+        assert seg["window_start"] == pytest.approx(2.0 * seg["window_index"])
+        assert seg["window_start"] - 1e-6 <= seg["start_time"] <= seg["timestamp"] < seg["end_time"] <= seg["window_end"] + 1e-6
+        assert read_index_rgb(_square(cut_frame(str(clip), seg["timestamp"]))) == seg["frame"]
+    target = segments[-1]
+    hit = library.search(library.embeddings("segments")[target["row"]], top_k=1, moments=True)[0]
+    assert (hit["window_index"], hit["frame"]) == (target["window_index"], target["frame"])
+    assert list(library)[0]["duration"] == pytest.approx(6.0)

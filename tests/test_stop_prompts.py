@@ -12,10 +12,25 @@ from modules.stop_prompts import (
     SpatialPromptGenerator,
     TemporalPromptGenerator,
     minmax_normalize_frames,
-    parse_spatial_prompt,
-    parse_temporal_prompt,
     straight_through_topk_mask,
 )
+from modules.tempme_encoder import PromptInputs
+
+
+def _with_weights(gen: TemporalPromptGenerator, x: torch.Tensor, saliency=None):
+    """forward's dynamic prompts and the frame weights w it applied (its own attend + frame_weights)."""
+    return gen(x, saliency=saliency), gen.frame_weights(gen.attend(x), saliency)
+
+
+def _with_mask(gen: SpatialPromptGenerator, x: torch.Tensor):
+    """forward's output and the straight-through mask it applied (from its own saliency scores)."""
+    _, scores = gen.prompts_and_scores(x)
+    return gen(x), straight_through_topk_mask(scores, gen.eta)
+
+
+def _layer_prompts(gen: TemporalPromptGenerator, dynamic: torch.Tensor, layer: int) -> torch.Tensor:
+    """What the encoder puts in block ``layer``'s prompt slots."""
+    return PromptInputs(dynamic, gen.base_prompts, gen.prompt_log_size_gate).for_layer(layer)
 
 register_cpu_sdpa_flops()  # this file counts FLOPs, attention included
 
@@ -47,16 +62,17 @@ def spatial_trained() -> SpatialPromptGenerator:
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-def test_parse_helpers() -> None:
-    assert parse_temporal_prompt("group2-2") is True
-    assert parse_temporal_prompt("none") is False
-    assert parse_temporal_prompt(None) is False
-    assert parse_spatial_prompt("patch") is True
-    assert parse_spatial_prompt("none") is False
-    with pytest.raises(ValueError, match="group9"):
-        parse_temporal_prompt("group9")
-    with pytest.raises(ValueError, match="pixel"):
-        parse_spatial_prompt("pixel")
+def test_prompt_choices_are_validated_by_the_config() -> None:
+    """The one list of prompt choices is config's; the model builds a generator exactly for the 'on' values."""
+    from config import ConfigError, STOPConfig
+
+    assert STOPConfig(temporal_prompt="group2-2").temporal_prompt == "group2-2"
+    assert STOPConfig(temporal_prompt="none", spatial_prompt="none").spatial_prompt == "none"
+    assert STOPConfig(spatial_prompt="patch").spatial_prompt == "patch"
+    with pytest.raises(ConfigError, match="group9"):
+        STOPConfig(temporal_prompt="group9")
+    with pytest.raises(ConfigError, match="pixel"):
+        STOPConfig(spatial_prompt="pixel")
 
 
 def test_minmax_per_row_and_constant_guard() -> None:
@@ -87,16 +103,16 @@ def test_straight_through_mask_forward_exact_and_gradient() -> None:
 def test_temporal_shapes(temporal: TemporalPromptGenerator) -> None:
     x = torch.randn(2, 12, 49, 768)
     with torch.no_grad():
-        dyn, w = temporal(x, return_weights=True)
+        dyn, w = _with_weights(temporal, x)
         assert dyn.shape == (2, 12, 4, 768)
         assert w.shape == (2, 12)
         for layer in (0, 11):
-            assert temporal.layer_prompts(dyn, layer).shape == (2, 12, 4, 768)
+            assert _layer_prompts(temporal, dyn, layer).shape == (2, 12, 4, 768)
         torch.testing.assert_close(
-            temporal.layer_prompts(dyn, 3), temporal.base_prompts[3] + dyn
+            _layer_prompts(temporal, dyn, 3), temporal.base_prompts[3] + dyn
         )
     with pytest.raises(IndexError):
-        temporal.layer_prompts(dyn, 12)
+        _layer_prompts(temporal, dyn, 12)
     with pytest.raises(ValueError):
         temporal(torch.randn(1, 12, 50, 768))
 
@@ -105,8 +121,8 @@ def test_temporal_batch_independence(temporal: TemporalPromptGenerator) -> None:
     torch.manual_seed(2)
     x = torch.randn(3, 12, 49, 768)
     with torch.no_grad():
-        batch, w_batch = temporal(x, return_weights=True)
-        alone, w_alone = temporal(x[1:2], return_weights=True)
+        batch, w_batch = _with_weights(temporal, x)
+        alone, w_alone = _with_weights(temporal, x[1:2])
         # Changing the other videos must not move video 1 either.
         x2 = x.clone()
         x2[0] *= 5.0
@@ -122,15 +138,15 @@ def test_temporal_frame_weight_minmax_per_video(temporal: TemporalPromptGenerato
     x = torch.randn(3, 12, 49, 768)
     x[2] *= 10.0  # a video on a very different scale must not squash the others
     with torch.no_grad():
-        _, w = temporal(x, return_weights=True)
+        _, w = _with_weights(temporal, x)
     assert (w >= 0).all() and (w <= 1).all()
     torch.testing.assert_close(w.amin(dim=1), torch.zeros(3))
     torch.testing.assert_close(w.amax(dim=1), torch.ones(3))
     # Identical frames: no spread, weights guarded to 0 (no NaN). A single frame too.
     same = torch.randn(1, 1, 49, 768).expand(1, 12, 49, 768).contiguous()
     with torch.no_grad():
-        _, w_same = temporal(same, return_weights=True)
-        dyn_one, w_one = temporal(torch.randn(1, 1, 49, 768), return_weights=True)
+        _, w_same = _with_weights(temporal, same)
+        dyn_one, w_one = _with_weights(temporal, torch.randn(1, 1, 49, 768))
     assert torch.isfinite(w_same).all() and torch.isfinite(dyn_one).all()
     assert (w_one == 0).all()
 
@@ -151,8 +167,8 @@ def test_temporal_saliency_changes_frame_weight(temporal: TemporalPromptGenerato
     x = torch.randn(1, 12, 49, 768)
     sal = (torch.rand(1, 12, 49) > 0.8).float()
     with torch.no_grad():
-        _, w0 = temporal(x, return_weights=True)
-        _, w1 = temporal(x, saliency=sal, return_weights=True)
+        _, w0 = _with_weights(temporal, x)
+        _, w1 = _with_weights(temporal, x, saliency=sal)
     assert not torch.allclose(w0, w1)
 
 
@@ -162,7 +178,7 @@ def test_temporal_gradients_reach_every_parameter() -> None:
     x = torch.randn(2, 12, 49, 768)
     dyn = gen(x)
     loss = sum(
-        (gen.layer_prompts(dyn, layer) * torch.randn_like(dyn)).sum()
+        (_layer_prompts(gen, dyn, layer) * torch.randn_like(dyn)).sum()
         for layer in range(gen.num_layers)
     )
     loss.backward()
@@ -209,7 +225,7 @@ def test_spatial_identity_when_untrained() -> None:
     torch.manual_seed(7)
     gen = SpatialPromptGenerator()
     x = torch.randn(2, 32, 49, 768)
-    out, mask = gen(x, return_mask=True)
+    out, mask = _with_mask(gen, x)
     assert torch.equal(out, x)
     assert mask.shape == (2, 32, 49)
     assert (mask.detach().sum(-1) == 6).all()
@@ -230,9 +246,9 @@ def test_spatial_top_eta_cells_doubled(spatial_trained: SpatialPromptGenerator) 
     torch.manual_seed(9)
     x = torch.randn(2, 32, 49, 768)
     with torch.no_grad():
-        out, mask = spatial_trained(x, return_mask=True)
+        out, mask = _with_mask(spatial_trained, x)
         spatial_trained.eta = 0  # no salient cells: out = x + scale * p
-        plain, mask0 = spatial_trained(x, return_mask=True)
+        plain, mask0 = _with_mask(spatial_trained, x)
         spatial_trained.eta = 6
     assert (mask0 == 0).all()
     assert set(mask.unique().tolist()) == {0.0, 1.0}
@@ -259,8 +275,8 @@ def test_spatial_batch_independence(spatial_trained: SpatialPromptGenerator) -> 
     torch.manual_seed(10)
     x = torch.randn(3, 32, 49, 768)
     with torch.no_grad():
-        batch, mask_b = spatial_trained(x, return_mask=True)
-        alone, mask_a = spatial_trained(x[1:2], return_mask=True)
+        batch, mask_b = _with_mask(spatial_trained, x)
+        alone, mask_a = _with_mask(spatial_trained, x[1:2])
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)
     assert torch.equal(mask_b[1:2], mask_a)
 

@@ -271,6 +271,19 @@ def test_env_weights_override(monkeypatch, tiny_file, tiny_state_dict, tmp_path)
         load_clip_state_dict("ViT-B/32")
 
 
+def test_env_weights_random_means_random_weights(monkeypatch, caplog, tmp_path):
+    """Issue 11.9: UNIFIED_CLIP_WEIGHTS=random means what --clip_weights random means
+    (failed before: "weights file not found: random (from UNIFIED_CLIP_WEIGHTS)")."""
+    monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", "random")
+    monkeypatch.setenv("UNIFIED_CLIP_URL_BASE", _dead_url())  # no download either
+    with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
+        sd = load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path))
+    assert "UNIFIED_CLIP_WEIGHTS=random" in caplog.text
+    assert _same(sd, load_or_random("random"))  # the same random weights (same seed)
+    assert load_or_random(None)["visual.conv1.weight"].shape == (768, 3, 32, 32)
+    assert os.listdir(tmp_path) == []
+
+
 def test_load_or_random(caplog, tiny_file, tiny_state_dict):
     with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
         sd = load_or_random("random")

@@ -1,0 +1,99 @@
+"""Reading a user's JSON file (config, batch file) as hostile data: bounded and one-line errors.
+
+:func:`read_json_file` reads regular files only (a FIFO would block, a link to /dev/zero
+would read forever), at most ``max_bytes`` bytes, strict UTF-8, standard JSON only (no
+NaN / Infinity), integers of at most ``MAX_INT_DIGITS`` digits and nesting of at most
+``MAX_DEPTH`` levels. Every problem is a :class:`JSONInputError` whose text is one line
+naming the file. Standard library only: the scripts use it before importing torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import stat
+from typing import Any, Union
+
+__all__ = ["JSONInputError", "read_json_file", "MAX_JSON_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
+
+#: the most bytes read from one config or batch file (a batch of 100k pairs fits)
+MAX_JSON_BYTES = 64 * 1024 * 1024
+#: deepest nesting of lists / objects accepted (configs need 3, batch files 2)
+MAX_DEPTH = 64
+#: longest integer literal accepted (Python refuses to convert more than 4300 digits anyway)
+MAX_INT_DIGITS = 100
+
+
+class JSONInputError(ValueError):
+    """A JSON file that cannot be used; ``str`` is one line naming the file."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text.lstrip('-'))} digits (at most {MAX_INT_DIGITS})")
+    return int(text)
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def _depth(data: Any) -> int:
+    """Deepest nesting of lists / dicts in ``data`` (iterative: no recursion limit)."""
+    deepest, stack = 0, [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        if isinstance(value, (list, dict)):
+            deepest = max(deepest, level)
+            if deepest > MAX_DEPTH:
+                return deepest
+            stack.extend((v, level + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def read_json_file(path: Union[str, os.PathLike], what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES) -> Any:
+    """The parsed content of ``path``; JSONInputError (one line, names the file) on any problem.
+
+    ``what`` names the file's role in the messages ("config file", "batch file").
+    """
+    path = os.fspath(path)
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise JSONInputError(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise JSONInputError(f"{path}: cannot read {what} ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise JSONInputError(f"{path}: {what} must be a regular file, this is {_file_kind(mode)}")
+        try:
+            raw = fh.read(max_bytes + 1)
+        except OSError as err:
+            raise JSONInputError(f"{path}: cannot read {what} ({err.strerror})") from None
+    if len(raw) > max_bytes:
+        raise JSONInputError(f"{path}: {what} is larger than {max_bytes} bytes")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise JSONInputError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
+                             f"{err.start})") from None
+    try:
+        data = json.loads(text, parse_int=_parse_int, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as err:
+        raise JSONInputError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise JSONInputError(f"{path}: invalid JSON: nested more than {MAX_DEPTH} levels deep") from None
+    except ValueError as err:
+        raise JSONInputError(f"{path}: invalid JSON: {err}") from None
+    if _depth(data) > MAX_DEPTH:
+        raise JSONInputError(f"{path}: invalid JSON: nested more than {MAX_DEPTH} levels deep")
+    return data

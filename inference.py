@@ -253,7 +253,7 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     """Two synthetic videos -> directory extraction -> frame retrieval -> embedding search."""
     from modules.extraction import extract_directory_embeddings
-    from modules.clip_weights import WeightsError, load_clip_state_dict
+    from modules.clip_weights import WeightsError, load_clip_weights
     from modules.module_clip import random_state_dict
     from modules.retrieval import batch_retrieve_events, format_inference_block, format_search_block, search_embeddings
     from modules.synthetic_video import MovingShape, write_moving_shapes_video
@@ -264,7 +264,7 @@ def run_demo(args: argparse.Namespace) -> int:
     state = None
     if config.clip_weights != "random":
         try:  # real weights only if they are already here: the demo never downloads
-            state = load_clip_state_dict(config.clip_weights or config.tempme.base_encoder, download=False)
+            state = load_clip_weights(config.clip_weights or config.tempme.base_encoder, download=False)
             print(f"Demo: using CLIP weights {config.clip_weights or config.tempme.base_encoder}")
         except WeightsError as err:
             print(f"Demo: no CLIP weights available offline ({err}).")

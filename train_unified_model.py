@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="trained model tensors to start from / to evaluate (optimizer state not restored)")
     p.add_argument("--clip_weights", default=None,
-                   help="CLIP weights: a local file, 'ViT-B/32', 'ViT-B/16' or 'random' (overrides clip_weights)")
+                   help="CLIP weights: a local file or Hugging Face folder, 'ViT-B/32', 'ViT-B/16', 'ViT-L/14', "
+                        "open_clip:NAME/TAG or 'random' (overrides clip_weights)")
     p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (overrides device)")
     p.add_argument("--eval_only", action="store_true", help="evaluate on the validation split and exit")
     p.add_argument("--metrics_json", default=None, metavar="PATH",

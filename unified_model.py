@@ -440,6 +440,9 @@ def clip_weights_identity(config: UnifiedModelConfig, clip_state_dict: Optional[
     if clip_state_dict is not None:
         return "tensors:" + tensors_digest(clip_state_dict)
     value = config.clip_weights
+    override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
+    if override and value != "random" and not (value and os.path.isfile(value)):
+        value = override  # an official name is read from this file (modules.clip_weights)
     if value is None:
         return "name:" + config.tempme.base_encoder
     if value == "random":
@@ -682,7 +685,7 @@ def create_unified_model(
     config: Optional[UnifiedModelConfig] = None,
     *,
     spec: Optional[ModelSpec] = None,
-    clip_state_dict: Optional[Dict[str, torch.Tensor]] = None,
+    clip_state_dict: Union[Dict[str, torch.Tensor], ClipWeights, None] = None,
     merge_lora: bool = False,
     architecture_hint: str = _OWN_CONFIG_HINT,
     force_precision: bool = False,
@@ -696,7 +699,8 @@ def create_unified_model(
     config: a config object instead of config_path (never modified).
     spec: config and checkpoint already read by :func:`load_model_spec` (then config_path,
         checkpoint, clip_weights and config are ignored): the checkpoint is read once.
-    clip_state_dict: CLIP weights already in memory (instead of loading config.clip_weights).
+    clip_state_dict: CLIP weights already in memory (a state dict, or ClipWeights with what the
+        source says about its activation), instead of loading config.clip_weights.
     merge_lora: fold LoRA into the CLIP weights (inference: same outputs, less compute).
     architecture_hint: what a config/checkpoint architecture mismatch message adds.
     force_precision: run ``precision: fp16`` on a CPU as asked (otherwise fp32 with a

@@ -78,8 +78,13 @@ def fingerprint() -> Dict:
     return cli_fingerprint(None, None, "random")
 
 
-def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int):
+def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int, reuse: bool = False):
     from modules.library import VideoLibrary
+
+    if reuse and (root / "library" / "manifest.json").is_file():  # a library an earlier run built here
+        library = VideoLibrary.open(root / "library")
+        kinds = library.embedding_shards("videos"), library.embedding_shards("segments")
+        return library, float("nan"), kinds[0][0], (kinds[1][0] if kinds[1] else None)
 
     emb = clustered(videos, seed, centres)
     rows = [{"name": f"video_{i:07d}", "video_path": f"/data/videos/video_{i:07d}.mp4", "duration": 60.0}
@@ -256,6 +261,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--load_seconds", type=float, default=10.0, help="load test length (0 = skip)")
     parser.add_argument("--work_dir", default=None, help="where the libraries are written (default: a temp folder)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="open the libraries an earlier run left in --work_dir instead of building them "
+                             "(build time then reads nan)")
     args = parser.parse_args(argv)
 
     import torch
@@ -279,9 +287,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     largest_videos = None
     for kind, n in sizes:
         root = work / f"{kind}_{n}"
-        shutil.rmtree(root, ignore_errors=True)
+        if not args.reuse:
+            shutil.rmtree(root, ignore_errors=True)
         videos = n if kind == "videos" else max(1, n // SEGMENTS_PER_VIDEO)
-        library, build_s, emb, seg = build(root, videos, n if kind == "segments" else 0, centres, seed=n)
+        library, build_s, emb, seg = build(root, videos, n if kind == "segments" else 0, centres, seed=n,
+                                           reuse=args.reuse)
         matrix = emb if kind == "videos" else seg
         info = library.shards[kind][0].index
         result = {"kind": kind, "rows": n, "build_s": build_s, "disk": folder_bytes(root / "library"),

@@ -172,12 +172,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
                        help="model config JSON (default: the built-in defaults, which equal "
                             "configs/unified_model_config.json, or the checkpoint's own config)")
     group.add_argument("--clip_weights", default=None,
-                       help="CLIP weights: a local file, a model name (ViT-B/32) or 'random' (random init, for "
-                            "offline smoke runs); default: the config's clip_weights (null = OpenAI's official "
+                       help="CLIP weights: a local file or Hugging Face folder, a model name (ViT-B/32), "
+                            "open_clip:NAME/TAG, or 'random' (random init, for offline smoke runs); default: the config's clip_weights (null = OpenAI's official "
                             "weights, downloaded once to ~/.cache/clip)")
     group.add_argument("--checkpoint", default=None,
-                       help="trained checkpoint written by train_unified_model.py (default: none, i.e. untrained "
-                            "LoRA and prompts)")
+                       help="trained checkpoint written by train_unified_model.py, or TempMe's best.pth "
+                            "(tempme:PATH) (default: none, i.e. untrained LoRA and prompts)")
     group.add_argument("--device", type=device_arg, default="auto",
                        help="auto (the config's device; its default auto = CUDA when available, else CPU), "
                             "cpu, cuda or cuda:N")

@@ -28,7 +28,6 @@ import re
 import stat
 import urllib.error
 import urllib.request
-import uuid
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
@@ -37,6 +36,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from modules.clip_archs import ACTIVATIONS, canonical_arch_name
+from modules.atomic_io import temp_path
 from modules.errors import error_line, one_line
 from modules.module_clip import NON_PARAMETER_KEYS, random_state_dict
 
@@ -250,11 +250,11 @@ def _fetch_official(name: str, cache_dir: str, download: bool) -> Tuple[bytes, s
             "download=False; pass a local file with --clip_weights PATH or set UNIFIED_CLIP_WEIGHTS"
         )
     cap = OPENAI_MAX_BYTES.get(name, MAX_FILE_BYTES)
-    # Written under a temporary name next to the target and renamed into place, so an
-    # interrupted download never leaves a file under the final name. The name is unique
-    # (several ranks may download at once) and, unlike mkstemp's, the file gets the umask's
-    # permissions, since the cache may be shared.
-    tmp_path = os.path.join(cache_dir, f".{filename}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part")
+    # Written under a temporary name next to the target (the project's one temp-name pattern,
+    # modules.atomic_io.temp_path) and renamed into place, so an interrupted download never
+    # leaves a file under the final name. The name is unique (several ranks may download at
+    # once) and, unlike mkstemp's, the file gets the umask's permissions, since the cache may be shared.
+    tmp_path = temp_path(target)
     try:
         os.makedirs(cache_dir, exist_ok=True)
         out = open(tmp_path, "xb")

@@ -275,7 +275,7 @@ class _Tally:
     def record(self, result: VideoResult) -> None:
         # the summary keeps only the row, not the arrays
         self.plan.records[result.name] = VideoResult(result.name, result.video_path, result.status, result.error,
-                                                     result.seconds)
+                                                     result.seconds, warning=result.warning)
         if result.status == "failed":
             self.failed += 1
             logger.warning("%s: %s", printable(result.video_path), result.error)

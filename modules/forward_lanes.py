@@ -82,6 +82,7 @@ def encode_batch(model, batch: Sequence[Tuple[VideoEntry, DecodedVideo]],
         VideoResult.of(entry, "success", None, decoded.seconds + share,
                        embedding=np.ascontiguousarray(embeddings[i]), group_features=group_features[i],
                        group_sizes=sizes[i], groups=features.groups[i], representatives=reps[i],
+                       warning=decoded.video.warning,
                        video=dataclasses.replace(decoded.video, frames=torch.empty(0, dtype=torch.uint8)))
         for i, (entry, decoded) in enumerate(batch)
     ]

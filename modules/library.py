@@ -69,7 +69,10 @@ PathLike = Union[str, os.PathLike]
 
 
 def fingerprint_id(fingerprint: Mapping[str, Any]) -> str:
-    """A short stable hash of what makes embeddings comparable (config, weights, checkpoint)."""
+    """The model's identity: extraction's ``fingerprint`` (weights identity + checkpoint +
+    config) when recorded, else a hash of the config, weights and checkpoint fields."""
+    if fingerprint.get("fingerprint"):  # extraction's model fingerprint (unified_model.model_fingerprint)
+        return str(fingerprint["fingerprint"])
     kept = {k: v for k, v in fingerprint.items() if k not in _FINGERPRINT_IGNORED}
     if kept.get("checkpoint"):
         kept["checkpoint"] = os.path.abspath(str(kept["checkpoint"]))

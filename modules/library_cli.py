@@ -37,12 +37,14 @@ def _model_flags_given(args: argparse.Namespace) -> bool:
 
 
 def cli_fingerprint(config_path: Optional[str], checkpoint: Optional[str], clip_weights: Optional[str]) -> Dict[str, Any]:
-    """The fingerprint of the model these flags build, as extraction records it."""
-    from unified_model import load_model_spec
+    """The fingerprint of the model these flags build, as extraction records it (model_info)."""
+    from unified_model import join_fingerprint, load_model_spec, spec_fingerprint
 
-    config = load_model_spec(config_path, checkpoint, clip_weights).config
+    spec = load_model_spec(config_path, checkpoint, clip_weights)
+    config = spec.config
+    parts = spec_fingerprint(spec)
     return {"config_path": config_path, "checkpoint": checkpoint, "clip_weights": config.clip_weights,
-            "config": config.to_dict()}
+            "config": config.to_dict(), "fingerprint": join_fingerprint(parts), "fingerprint_parts": parts}
 
 
 def query_encoder(library, args: argparse.Namespace):

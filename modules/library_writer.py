@@ -97,6 +97,10 @@ class LibraryWriter(Writer):
         self._buffer: List[tuple] = []
         self.added = 0
 
+    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+        """The running model's fingerprint (unified_model.model_fingerprint) is the library's identity."""
+        self.fingerprint.update(fingerprint=fingerprint, fingerprint_parts=dict(parts))
+
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         if os.path.isfile(os.path.join(self.root, "manifest.json")):
             self.library = VideoLibrary.open(self.root)

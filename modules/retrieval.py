@@ -154,6 +154,8 @@ def batch_retrieve_events(
                     segments=[{**h.to_dict(), "score": round(h.score, 6)} for h in hits],
                     inference_time=round(shared + time.perf_counter() - t0, 4),
                 )
+                if decoded.video.warning:
+                    results[i]["warning"] = decoded.video.warning
             bar.update(1)
     finally:
         stream.close()

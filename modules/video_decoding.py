@@ -22,7 +22,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VideoDecodeError", "h264_is_non_reference", "SEEK_GAP_FRAMES"]
+__all__ = ["VideoDecodeError", "h264_is_non_reference", "SEEK_GAP_FRAMES", "declared_length", "shortfall_note"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -168,6 +168,42 @@ def _open_for_decoding(path: str, threads: int):
         stream.thread_type = "AUTO"  # frame + slice threads
         stream.thread_count = threads
     return container, stream
+
+
+def declared_length(container, stream) -> tuple[int, float]:
+    """(frames, seconds) the container's header declares for ``stream``; 0 where unknown.
+
+    mp4/mov give both (sample table); Matroska/WebM give a per-track DURATION tag and a
+    segment duration (used only when the video is the file's only stream).
+    """
+    frames = int(stream.frames or 0)
+    seconds = 0.0
+    if stream.duration is not None and stream.time_base is not None:
+        seconds = float(stream.duration * stream.time_base)
+    if seconds <= 0:
+        tag = (stream.metadata or {}).get("DURATION") or ""
+        parts = tag.split(":")
+        try:
+            if len(parts) == 3:
+                seconds = int(parts[0]) * 3600 + int(parts[1]) * 60 + float(parts[2])
+        except ValueError:
+            seconds = 0.0
+    if seconds <= 0 and container.duration and len(container.streams) == 1:
+        seconds = container.duration / av.time_base
+    return max(frames, 0), max(seconds, 0.0)
+
+
+def shortfall_note(declared: tuple[int, float], readable_frames: int, readable_seconds: float) -> Optional[str]:
+    """One-line warning when what can be read falls clearly short of what the header declares
+    (a cut-off download): under 90% of the frames (2 or more missing) or of the duration
+    (more than half a second missing). None otherwise."""
+    frames, seconds = declared
+    if frames > 0 and readable_frames < 0.9 * frames and frames - readable_frames >= 2:
+        return f"truncated? only {readable_frames} of the {frames} frames the container declares are readable"
+    if seconds > 0 and readable_seconds < 0.9 * seconds and seconds - readable_seconds > 0.5:
+        return (f"truncated? only {readable_seconds:.2f}s of the {seconds:.2f}s the container declares "
+                "are readable")
+    return None
 
 
 # ----------------------------------------------------------------------------- index pass

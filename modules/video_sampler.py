@@ -68,7 +68,9 @@ from modules.video_decoding import (
     _position,  # noqa: F401
     _short_side_size,
     _video_stream,
+    declared_length,
     h264_is_non_reference,
+    shortfall_note,
 )
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class SampledVideo:
         path: the file.
         decoded_frames: frames the decoder produced to get these N (a cost measure:
             far below ``num_frames`` when seeking was used).
+        warning: one line when the readable part falls clearly short of what the
+            container declares (a truncated file), else None.
     """
 
     frames: torch.Tensor
@@ -122,6 +126,7 @@ class SampledVideo:
     num_frames: int
     path: str
     decoded_frames: int = 0
+    warning: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -296,17 +301,24 @@ def _sample(path: str, num_segments: int, size: int, offsets: np.ndarray, thread
             normalize: bool) -> SampledVideo:
     with _open(path) as container:
         stream = _video_stream(container, path)
+        declared = declared_length(container, stream)
         index = _build_index(container, stream, path)
         fps_hint = _average_rate(stream)
     if index.num_packets == 0:
         raise VideoDecodeError(path, "no video frames (empty video stream)")
 
+    sampled = None
     if index.has_pts:
         try:
-            return _sample_indexed(path, index, num_segments, size, offsets, threads, normalize)
+            sampled = _sample_indexed(path, index, num_segments, size, offsets, threads, normalize)
         except _NoFrameTimestamps:
             logger.info("%s: decoded frames carry no pts; numbering frames by decode order", path)
-    return _sample_counting(path, index.num_packets, fps_hint, num_segments, size, offsets, threads, normalize)
+    if sampled is None:
+        sampled = _sample_counting(path, index.num_packets, fps_hint, num_segments, size, offsets, threads, normalize)
+    sampled.warning = shortfall_note(declared, sampled.num_frames, sampled.duration)
+    if sampled.warning:
+        logger.warning("%s: %s; embedding the readable part", path, sampled.warning)
+    return sampled
 
 
 def _sample_indexed(path: str, index: _Index, num_segments: int, size: int, offsets: np.ndarray,

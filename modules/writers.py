@@ -94,6 +94,7 @@ class VideoResult:
     video: Optional[SampledVideo] = None
     source: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)  # room for later stages (e.g. windows)
+    warning: Optional[str] = None  # e.g. a truncated file: embedded, but shorter than declared
 
     @classmethod
     def of(cls, entry: VideoEntry, status: str, error: Optional[str] = None,
@@ -109,11 +110,13 @@ class VideoResult:
     def to_dict(self) -> Dict[str, Any]:
         """The summary's row for this video."""
         return {"name": self.name, "video_path": self.video_path, "status": self.status,
-                "error": self.error, "seconds": None if self.seconds is None else round(self.seconds, 4)}
+                "error": self.error, "seconds": None if self.seconds is None else round(self.seconds, 4),
+                "warning": self.warning}
 
     @classmethod
     def from_dict(cls, row: Dict[str, Any]) -> "VideoResult":
-        return cls(row["name"], row["video_path"], row["status"], row.get("error"), row.get("seconds"))
+        return cls(row["name"], row["video_path"], row["status"], row.get("error"), row.get("seconds"),
+                   warning=row.get("warning"))
 
 
 @dataclass

@@ -213,7 +213,7 @@ def test_parallel_batches_give_the_same_outputs_and_restore_threads(model, video
     """Forwards side by side on CPU (one torch thread each) compute what one forward does."""
     threads = torch.get_num_threads()
     serial = extract_directory_embeddings(video_dir, tmp_path / "serial", model=model, num_workers=0,
-                                          batch_size=3, parallel_batches=1, progress=False)
+                                          batch_size=1, parallel_batches=1, progress=False)
     lanes = extract_directory_embeddings(video_dir, tmp_path / "lanes", model=model, num_workers=1,
                                          parallel_batches=3, summary=True, progress=False)
     assert serial["processed"] == lanes["processed"] == 3

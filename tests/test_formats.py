@@ -268,3 +268,25 @@ def test_tempme_checkpoint_with_wrong_shapes_is_refused(tmp_path, b32_clip):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="do not merge by whole factors"):
         create_unified_model(checkpoint=f"tempme:{path}", device="cpu")
+
+
+def test_clip4clip_recipe_through_the_extraction_script(tmp_path, b32_clip):
+    """The shipped recipe + an mmaction2-layout file, end to end through extract_video_embeddings.py."""
+    import numpy as np
+
+    from tests.cli_utils import describe, run_script
+    from tests.video_factory import write_video
+
+    weights = tmp_path / "clip4clip.pth"
+    torch.save({"meta": {"epoch": 5, "seed": np.int64(0)}, "state_dict": {"clip." + k: v for k, v in b32_clip.items()}},
+               weights)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "clip.mp4", 12, size=(64, 48))
+    out = tmp_path / "out"
+    proc = run_script("extract_video_embeddings.py", ["--video_dir", str(videos), "--output_dir", str(out),
+                                                      "--config_path", "configs/recipes/clip4clip_msrvtt_pretrained.json",
+                                                      "--clip_weights", str(weights), "--device", "cpu"], timeout=600)
+    assert proc.returncode == 0, describe(proc)
+    embedding = np.load(out / "clip_embedding.npy")
+    assert embedding.shape == (512,) and np.isfinite(embedding).all()

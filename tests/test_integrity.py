@@ -418,3 +418,30 @@ def test_batch_retrieval_encodes_queries_in_bounded_chunks(model, tmp_path, monk
     assert sizes == [3, 3, 1]
     for a, b in zip(whole, chunked):
         assert a["frames"] == b["frames"] and np.allclose(a["scores"], b["scores"], atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- item 8: truncated files
+
+
+def test_truncated_files_are_embedded_with_a_warning_in_the_summary(model, tmp_path):
+    """A cut-off faststart mp4 / mkv / webm opens and is embedded from its readable part; the
+    summary row says it is shorter than the container declares. A complete file has no warning."""
+    from modules.video_sampler import sample_video
+    from tests.video_factory import write_truncated
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for ext, options, codec in (("mp4", {"movflags": "+faststart"}, None), ("mkv", None, None),
+                                ("webm", None, "libvpx-vp9")):
+        source = write_video(tmp_path / f"source.{ext}", 60, fps=12, size=(48, 32), gop=4, codec=codec,
+                             container_options=options)
+        write_truncated(source, videos / f"cut_{ext}.{ext}", keep_fraction=0.5)
+    shutil.copy(tmp_path / "source.mkv", videos / "whole.mkv")
+    assert sample_video(tmp_path / "source.mp4", num_segments=4, size=32).warning is None
+    _run(videos, tmp_path / "out", model, summary=True)
+    rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "extraction_summary.json").read_text())["videos"]}
+    assert rows["whole"]["status"] == "success" and rows["whole"]["warning"] is None
+    for ext in ("mp4", "mkv", "webm"):
+        row = rows[f"cut_{ext}"]
+        assert row["status"] == "success" and "truncated" in row["warning"] and "declares" in row["warning"], row
+

@@ -455,3 +455,51 @@ def test_checkpoint_naming_a_file_is_not_followed(tmp_path):
         checkpoint_clip_weights("/tmp/evil.pt", "ck.pth", None)
     with pytest.raises(WeightsError):
         checkpoint_clip_weights("open_clip:hf-hub:someone/model", "ck.pth", None)
+
+
+def _small_checkpoint(tmp_path, **config_changes):
+    from config import from_dict
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+    from modules.training import small_config_dict
+    from unified_model import UnifiedTempMeSTOPModel
+
+    model = UnifiedTempMeSTOPModel(from_dict(small_config_dict(32, vision_layers=2)),
+                                   random_state_dict(small_arch(32, vision_width=64, vision_layers=2, text_width=64,
+                                                                text_layers=2)))
+    payload = model.checkpoint_payload()
+    payload["config"].update(config_changes)
+    return payload
+
+
+def test_checkpoint_naming_a_crafted_file_does_not_open_it(tmp_path):
+    """A harmless-looking checkpoint whose config names a crafted archive: nothing runs."""
+    from unified_model import create_unified_model
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "ViT-B-32.pt"
+    _evil_archive(evil, marker)
+    path = tmp_path / "model.pth"
+    torch.save(_small_checkpoint(tmp_path, clip_weights=str(evil)), path)
+    with pytest.raises(WeightsError, match=rf"trained with clip_weights '{evil}'.*pass the weights yourself: --clip_weights"):
+        create_unified_model(checkpoint=str(path), device="cpu")
+    assert not marker.exists()
+    from modules.clip_archs import small_arch
+    from modules.module_clip import random_state_dict
+
+    mine = tmp_path / "mine.pt"
+    torch.save(random_state_dict(small_arch(32, vision_width=64, vision_layers=2, text_width=64, text_layers=2)), mine)
+    model = create_unified_model(checkpoint=str(path), device="cpu", clip_weights=str(mine))  # the user's word
+    assert model.config.clip_weights == str(mine)
+
+
+def test_checkpoint_with_non_finite_tensors_is_refused(tmp_path):
+    from unified_model import CheckpointError, create_unified_model
+
+    payload = _small_checkpoint(tmp_path)
+    name = next(iter(payload["trainable"]))
+    payload["trainable"][name] = torch.full_like(payload["trainable"][name], float("inf"))
+    path = tmp_path / "inf.pth"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match=rf"inf.pth: tensor {name} holds NaN or infinite values"):
+        create_unified_model(checkpoint=str(path), device="cpu", clip_weights="random")

@@ -22,6 +22,16 @@ from modules.video_sampler import normalize_uint8
 pytestmark = pytest.mark.cuda
 
 
+@pytest.fixture(autouse=True)
+def full_float32_convolutions():
+    """cuDNN convolutions in TF32 (torch's default) would round the prompt convolutions to
+    10-bit mantissas; the CPU comparisons here need float32."""
+    before = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def state():
     from modules.module_clip import random_state_dict

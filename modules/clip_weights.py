@@ -25,7 +25,6 @@ import http.client
 import logging
 import os
 import re
-import stat
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from tqdm import tqdm
 from modules.clip_archs import ACTIVATIONS, canonical_arch_name
 from modules.atomic_io import temp_path
 from modules.errors import error_line, one_line
+from modules.json_input import read_regular_file
 from modules.module_clip import NON_PARAMETER_KEYS, random_state_dict
 
 logger = logging.getLogger(__name__)
@@ -181,22 +181,7 @@ def choose_activation(weights: ClipWeights, configured: Optional[str], key: str 
 
 def read_user_file(path: str, what: str = "weights file", limit: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file, read once (no FIFO, device or directory; size-capped)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise WeightsError(f"{what} not found: {path}") from None
-    except OSError as err:
-        raise WeightsError(f"cannot read {what} {path} ({_one_line(err)})") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise WeightsError(f"{what} {path} is not a regular file")
-        if info.st_size > limit:
-            raise WeightsError(f"{what} {path} is {info.st_size} bytes, more than the {limit >> 30} GiB accepted")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise WeightsError(f"{what} {path} grew past {limit >> 30} GiB while being read")
-    return data
+    return read_regular_file(path, what, limit, WeightsError)
 
 
 # ---------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import os
 import stat
-from typing import Any, Union
+from typing import Any, Type, Union
 
-__all__ = ["JSONInputError", "read_json_file", "MAX_JSON_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
+__all__ = ["JSONInputError", "read_json_file", "read_regular_file", "MAX_JSON_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
 #: the most bytes read from one config or batch file (a batch of 100k pairs fits)
 MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -33,6 +33,36 @@ def _file_kind(mode: int) -> str:
         if test(mode):
             return kind
     return "not a regular file"
+
+
+def read_regular_file(path: Union[str, os.PathLike], what: str, max_bytes: int,
+                      error: Type[Exception] = JSONInputError) -> bytes:
+    """The bytes of a user's regular file, read once and at most ``max_bytes`` of them.
+
+    A FIFO is refused without waiting for a writer (O_NONBLOCK), a device or folder without
+    reading it. Every problem raises ``error`` with one line naming the file and ``what``
+    it is ("config file", "weights file", ...). Used for JSON inputs and weights files alike.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise error(f"{what} not found: {path}") from None
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror})") from None
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: {what} is not a regular file: this is {_file_kind(info.st_mode)}")
+        if info.st_size > max_bytes:
+            raise error(f"{path}: {what} is larger than {max_bytes} bytes ({info.st_size})")
+        try:
+            raw = fh.read(max_bytes + 1)
+        except OSError as err:
+            raise error(f"{path}: cannot read {what} ({err.strerror})") from None
+    if len(raw) > max_bytes:
+        raise error(f"{path}: {what} is larger than {max_bytes} bytes")
+    return raw
 
 
 def _parse_int(text: str) -> int:
@@ -64,23 +94,7 @@ def read_json_file(path: Union[str, os.PathLike], what: str = "JSON file", max_b
     ``what`` names the file's role in the messages ("config file", "batch file").
     """
     path = os.fspath(path)
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except FileNotFoundError:
-        raise JSONInputError(f"{what} not found: {path}") from None
-    except OSError as err:
-        raise JSONInputError(f"{path}: cannot read {what} ({err.strerror})") from None
-    with os.fdopen(fd, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise JSONInputError(f"{path}: {what} must be a regular file, this is {_file_kind(mode)}")
-        try:
-            raw = fh.read(max_bytes + 1)
-        except OSError as err:
-            raise JSONInputError(f"{path}: cannot read {what} ({err.strerror})") from None
-    if len(raw) > max_bytes:
-        raise JSONInputError(f"{path}: {what} is larger than {max_bytes} bytes")
+    raw = read_regular_file(path, what, max_bytes, JSONInputError)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:

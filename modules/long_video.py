@@ -466,7 +466,7 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
     reason (never raises for the video's sake).
     """
     from modules.errors import one_line
-    from modules.forward_lanes import model_error
+    from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
     from modules.video_sampler import VideoDecodeError
     from modules.writers import VideoResult
 
@@ -477,8 +477,9 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
         return VideoResult.of(entry, "failed", one_line(err.reason), time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001 - recorded per video
         return VideoResult.of(entry, "failed", model_error(err), time.perf_counter() - start)
-    if not np.all(np.isfinite(table.embedding)):
-        return VideoResult.of(entry, "failed", "model error: non-finite embedding", time.perf_counter() - start)
+    # the same rule as a short video's forward: NaN / inf anywhere, or a vector that is not unit
+    if degenerate_rows(table.embedding[None]).any() or not np.isfinite(table.group_features).all():
+        return VideoResult.of(entry, "failed", NON_FINITE_ERROR, time.perf_counter() - start)
     logger.info("%s: %d windows of %g s, %d of %d frames decoded", entry.path, table.num_windows, window[0],
                 table.stats["decoded_frames"], table.num_frames)
     return VideoResult.of(entry, "success", None, time.perf_counter() - start, embedding=table.embedding,

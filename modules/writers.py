@@ -349,7 +349,7 @@ class OutputFilesWriter(Writer):
             save_npz_atomic(self.windows_path(result.name), **table.to_arrays())
             if "frames" in files:
                 save_npz_atomic(files["frames"], **frames_payload_from_table(table))
-        if "frames" in files and result.group_features is not None:
+        elif "frames" in files and result.group_features is not None:
             save_npz_atomic(files["frames"], **frames_payload(result))
         embedding = result.embedding
         if "json" in files:

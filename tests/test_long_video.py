@@ -283,3 +283,21 @@ def test_moments_come_from_the_library_without_decoding(tmp_path, model, monkeyp
         [[s[k] for k in keys] for s in decoded["segments"]]
     np.testing.assert_allclose(from_library["scores"], decoded["scores"], atol=1e-5)
     assert decoded["segments"][0]["window_start"] <= decoded["segments"][0]["start_time"]
+
+
+@pytest.mark.parametrize("embedding", ["zero", "nan"])
+def test_a_degenerate_windowed_embedding_is_a_failure(tmp_path, monkeypatch, embedding):
+    """A long video follows the short videos' rule: NaN / inf or a zero vector fails the video."""
+    from types import SimpleNamespace
+
+    import modules.long_video as long_video
+    from modules.forward_lanes import NON_FINITE_ERROR
+    from modules.video_listing import VideoEntry
+
+    path = tmp_path / "long.mp4"
+    path.write_bytes(b"x")
+    vector = np.zeros(8, np.float32) if embedding == "zero" else np.full(8, np.nan, np.float32)
+    table = SimpleNamespace(embedding=vector, group_features=np.ones((2, 3, 8), np.float32))
+    monkeypatch.setattr(long_video, "encode_long_video", lambda *a, **k: table)
+    result = long_video.encode_windowed_result(None, VideoEntry(str(path), "long.mp4", "long"), (10.0, 10.0))
+    assert (result.status, result.error) == ("failed", NON_FINITE_ERROR)

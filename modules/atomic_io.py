@@ -2,7 +2,8 @@
 
 :func:`atomic_write` writes to a temporary file in the target's folder and renames it into
 place (atomic on POSIX and Windows), so a reader or a resumed run sees the old file, no
-file, or the complete new file. One temp-name pattern for every writer (outputs, configs,
+file, or the complete new file; :func:`atomic_write_all` does it for files that belong
+together (all written before any is replaced). One temp-name pattern for every writer (outputs, configs,
 checkpoints, downloads)::
 
     .<tail of the final name>.<pid>.<8 hex>.tmp
@@ -22,9 +23,9 @@ import json
 import os
 import re
 import secrets
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["TEMP_SUFFIX", "temp_path", "atomic_write", "save_npy_atomic", "save_npz_atomic", "save_json_atomic",
+__all__ = ["TEMP_SUFFIX", "temp_path", "atomic_write", "atomic_write_all", "save_npy_atomic", "save_npz_atomic", "save_json_atomic",
            "save_text_atomic", "is_temp_name", "cleanup_stale_temp_files", "pid_alive"]
 
 TEMP_SUFFIX = ".tmp"
@@ -58,13 +59,9 @@ def is_temp_name(name: str, final_suffixes: Optional[Iterable[str]] = None) -> O
     return int(match.group("pid"))
 
 
-def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Call ``write(fh)`` on a temp file next to ``path``, then rename it to ``path``.
-
-    Parent folders are created. On any error (also KeyboardInterrupt) the temp file is
-    removed and the error re-raised; ``path`` is then untouched.
-    """
-    path = os.fspath(path)
+def _write_temp(path: str, write: Callable[[Any], None], mode: str) -> str:
+    """``write(fh)`` into a fresh temp file next to ``path``; its name. On any error the temp
+    is removed; an OSError without a file name (a full disk while writing) gets ``path``."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = temp_path(path)
     try:
@@ -74,11 +71,43 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], mo
         text = {"encoding": "utf-8", "errors": "backslashreplace"}
         with open(tmp, "x" + mode.replace("w", ""), **({} if "b" in mode else text)) as fh:
             write(fh)
-        os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror, path) from err
         raise
+    return tmp
+
+
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Call ``write(fh)`` on a temp file next to ``path``, then rename it to ``path``.
+
+    Parent folders are created. On any error (also KeyboardInterrupt) the temp file is
+    removed and the error re-raised; ``path`` is then untouched. An OSError names ``path``.
+    """
+    atomic_write_all([(path, write, mode)])
+
+
+def atomic_write_all(files: Sequence[Tuple[Union[str, os.PathLike], Callable[[Any], None], str]]) -> None:
+    """:func:`atomic_write` for files that belong together, given as ``(path, write, mode)``:
+    every temp file is written first (in order), then all are renamed into place in order.
+    A failure while writing (a full disk) leaves every old file as it was; only an
+    interruption between the renames can leave some replaced, and then the last one is not.
+    """
+    written: List[Tuple[str, str]] = []
+    try:
+        for path, write, mode in files:
+            path = os.fspath(path)
+            written.append((_write_temp(path, write, mode), path))
+        while written:
+            tmp, path = written[0]
+            os.replace(tmp, path)
+            written.pop(0)
+    finally:
+        for tmp, _ in written:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def save_text_atomic(path: Union[str, os.PathLike], text: str) -> None:

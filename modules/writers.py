@@ -51,7 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from modules.atomic_io import atomic_write, cleanup_stale_temp_files, save_json_atomic, save_npy_atomic, \
+from modules.atomic_io import atomic_write_all, cleanup_stale_temp_files, save_json_atomic, save_npy_atomic, \
     save_npz_atomic, save_text_atomic, temp_path
 from modules.video_listing import VideoEntry
 from modules.video_sampler import SampledVideo
@@ -408,9 +408,9 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
     order; ``consolidated_embeddings.json`` ({embeddings: {name: {embedding, shape,
     video_path}}, metadata: {total_videos, successful, failed, processing_date}}); and last
     ``embeddings_index.json`` (row -> name, video_path; the matrix's sha256, so a matrix
-    and an index from different runs are never paired). Each file is written atomically
-    with plain writes (no memory map: a full disk is an OSError naming the file, not a
-    SIGBUS). Reads one video at a time: memory does not grow with the number of videos.
+    and an index from different runs are never paired). The three are written with plain
+    writes (no memory map: a full disk is an OSError naming the file, not a SIGBUS) to temp
+    files, and replace the old ones only when all three are complete. Reads one video at a time: memory does not grow with the number of videos.
     ``total``: videos listed (default len(entries)). Returns the metadata.
     """
     present: List[VideoEntry] = []
@@ -454,15 +454,21 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
         fh.write("\n  },\n" if present else "},\n")
         fh.write('  "metadata": ' + json.dumps(metadata, indent=2, ensure_ascii=False).replace("\n", "\n  ") + "\n}\n")
 
-    atomic_write(os.path.join(output_dir, CONSOLIDATED_NPY), write_matrix)
-    atomic_write(os.path.join(output_dir, CONSOLIDATED_JSON), write_json, mode="w")
-    save_json_atomic(os.path.join(output_dir, CONSOLIDATED_INDEX), {
-        "matrix": CONSOLIDATED_NPY,
-        "shape": [len(present), dim],
-        "dtype": "float32",
-        "matrix_sha256": digest.hexdigest(),
-        "names": [e.name for e in present],
-        "video_paths": [e.path for e in present],
-        "model": model_info or {},
-    })
+    def write_index(fh) -> None:  # after write_matrix: the digest is complete
+        json.dump({
+            "matrix": CONSOLIDATED_NPY,
+            "shape": [len(present), dim],
+            "dtype": "float32",
+            "matrix_sha256": digest.hexdigest(),
+            "names": [e.name for e in present],
+            "video_paths": [e.path for e in present],
+            "model": model_info or {},
+        }, fh, indent=2, ensure_ascii=False)
+        fh.write("\n")
+
+    # all three complete before any is replaced (a full disk keeps the old, paired files),
+    # the index last (a kill between the renames leaves an index that does not match)
+    atomic_write_all([(os.path.join(output_dir, CONSOLIDATED_NPY), write_matrix, "wb"),
+                      (os.path.join(output_dir, CONSOLIDATED_JSON), write_json, "w"),
+                      (os.path.join(output_dir, CONSOLIDATED_INDEX), write_index, "w")])
     return metadata

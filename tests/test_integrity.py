@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import os
 import shutil
+import subprocess
 import time
 
 import numpy as np
@@ -14,10 +16,11 @@ import torch
 
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_video as _real_decode_video
+from modules.errors import one_line
 from modules.extraction import extract_directory_embeddings
 from modules.retrieval import load_embedding_index, search_embeddings
 from modules.video_listing import unique_names
-from tests.cli_utils import SMALL_CONFIG, small_model
+from tests.cli_utils import SMALL_CONFIG, describe, no_traceback, run_script, small_model, write_small_config
 from tests.video_factory import write_video
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -184,26 +187,92 @@ def test_consolidated_matrix_is_written_without_a_memory_map(model, tmp_path, mo
 
 def test_a_matrix_without_its_index_is_not_used(model, tmp_path, monkeypatch):
     """A kill between replacing embeddings.npy and embeddings_index.json must not pair them silently."""
-    import modules.writers as writers
+    import modules.atomic_io as atomic_io
 
     videos, out = tmp_path / "v", tmp_path / "out"
     _clip(videos / "a.mp4", 8)
     _clip(videos / "b.mp4", 10, seed=1)
     _run(videos, out, model, consolidated=True)
+    old_index = (out / "embeddings_index.json").read_bytes()
     _clip(videos / "b.mp4", 16, size=(64, 40), seed=3)  # b changes: same rows, other numbers
-    real = writers.save_json_atomic
+    real = os.replace
 
-    def killed(path, obj, *args, **kwargs):
-        if os.path.basename(path) == "embeddings_index.json":
+    def killed(src, dst):  # the matrix (and JSON) were renamed, the kill comes before the index's rename
+        if os.path.basename(dst) == "embeddings_index.json":
             raise KeyboardInterrupt
-        return real(path, obj, *args, **kwargs)
+        return real(src, dst)
 
-    monkeypatch.setattr(writers, "save_json_atomic", killed)
+    monkeypatch.setattr(atomic_io.os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
         _run(videos, out, model, consolidated=True, overwrite=True)
-    monkeypatch.setattr(writers, "save_json_atomic", real)
+    monkeypatch.setattr(atomic_io.os, "replace", real)
+    assert (out / "embeddings_index.json").read_bytes() == old_index
+    assert not list(out.glob(".*.tmp"))
     with pytest.raises(UsageError, match="--consolidated"):
         load_embedding_index(out)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs mounted for one test: a disk that really fills up (root only)."""
+    if not IS_ROOT or shutil.which("mount") is None:
+        pytest.skip("a real full disk needs root to mount a small tmpfs")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {one_line(mounted.stderr)}")
+    try:
+        yield disk
+    finally:
+        if subprocess.run(["umount", str(disk)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def _blocks(nbytes, block):
+    return -(-nbytes // block)
+
+
+@pytest.mark.parametrize("fails_at", ["matrix", "json"])
+def test_a_full_disk_during_consolidated_is_a_one_line_error_and_keeps_the_old_files(small_disk, tmp_path, fails_at):
+    """--consolidated on a disk with room for the new video's files but not for the new
+    consolidated files: exit 1 with one line naming the file and "No space left" (no SIGBUS
+    from a memory map), no temp files, and the previous matrix and index intact and paired."""
+    videos, out = tmp_path / "v", small_disk / "out"
+    config = write_small_config(tmp_path)
+    for seed, name in enumerate("ab"):
+        _clip(videos / f"{name}.mp4", 8, seed=seed)
+    args = ["--video_dir", videos, "--output_dir", out, "--config_path", config, "--consolidated", "--num_workers", "0"]
+    first = run_script("extract_video_embeddings.py", args)
+    assert first.returncode == 0, describe(first)
+    kept = {name: (out / name).read_bytes() for name in ("embeddings.npy", "embeddings_index.json",
+                                                         "consolidated_embeddings.json")}
+    _clip(videos / "c.mp4", 8, seed=2)
+    stat = os.statvfs(small_disk)
+    block = stat.f_frsize
+    per_video = _blocks((out / "a_embedding.npy").stat().st_size, block) + _blocks((out / ".a.meta.json").stat().st_size, block)
+    new_matrix = _blocks(len(kept["embeddings.npy"]) + len(kept["embeddings.npy"]) // 2, block)
+    # room for c's files and one block less than the new matrix, or the new matrix and one block
+    # (the old matrix's blocks come back on its replacement: still far less than the JSON needs)
+    room = per_video + new_matrix + (-1 if fails_at == "matrix" else 1)
+    assert _blocks(len(kept["consolidated_embeddings.json"]) * 3 // 2, block) > room - per_video + 4
+    with open(small_disk / "filler", "wb") as fh:
+        fh.write(b"\0" * ((stat.f_bavail - room) * block))
+    second = run_script("extract_video_embeddings.py", args)
+    no_traceback(second)
+    assert second.returncode == 1, describe(second)  # an OSError: exit 1, not -7 (SIGBUS) or 135
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "No space left" in errors[0], describe(second)
+    assert ("embeddings.npy" if fails_at == "matrix" else "consolidated_embeddings.json") in errors[0], errors
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert np.load(out / "c_embedding.npy").shape == (512,)  # the new video's own files were written
+    for name, data in kept.items():
+        assert (out / name).read_bytes() == data, f"{name} was replaced although the consolidated write failed"
+    index = json.loads(kept["embeddings_index.json"])
+    matrix = np.load(io.BytesIO(kept["embeddings.npy"]))
+    assert index["matrix_sha256"] == hashlib.sha256(matrix.astype("<f4").tobytes()).hexdigest()
+    assert index["names"] == ["a", "b"]
 
 
 # ----------------------------------------------------------------------------- item 14: stale temps

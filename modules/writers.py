@@ -322,10 +322,13 @@ class OutputFilesWriter(Writer):
             return False  # never written: nothing to report
         reason = self.trusted(entry, files)
         if reason is not None:
-            # removed now, so a video whose recomputation fails leaves no stale outputs behind
             self.untrusted[reason] = self.untrusted.get(reason, 0) + 1
             logger.debug("%s: recomputing its outputs (%s)", entry.path, reason)
-            self.discard(entry.name)
+            # removed now, so a video whose recomputation fails leaves no stale outputs behind;
+            # except another model's: they stay until this model's replace them (a broken
+            # checkpoint does not delete a folder's work), and their record never matches
+            if reason != "another model":
+                self.discard(entry.name)
         return reason is None
 
     def discard(self, name: str) -> None:
@@ -340,8 +343,7 @@ class OutputFilesWriter(Writer):
         """Write one video's files (each atomically); embedding files, then the record."""
         files = self.files(result.name)
         record = meta_path(self.output_dir, result.name)
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(record)  # outputs being replaced are untrusted until the new record is in
+        self.discard(result.name)  # the record first: untrusted until the new one is in; no old file stays
         table = result.extra.get("windows")  # a long video's window table (modules.long_video)
         if table is not None:
             from modules.long_video import frames_payload_from_table

@@ -133,6 +133,20 @@ def test_formats_unique_names_and_frame_features(tmp_path, config):
     assert "Embedded 5 videos, 0 failed" in proc.stdout
 
 
+def _write_huge_checkpoint(path: Path, config: Path) -> Path:
+    """A checkpoint of the model ``config`` builds with one tensor set to 1e30: finite, so
+    loading accepts it, and every video embedding it gives is NaN."""
+    import torch
+
+    from config import from_json
+    from unified_model import create_unified_model
+
+    payload = create_unified_model(config=from_json(config), device="cpu").checkpoint_payload()
+    payload["trainable"]["tempme.clip_pos.0"] = torch.full_like(payload["trainable"]["tempme.clip_pos.0"], 1e30)
+    torch.save(payload, path)
+    return path
+
+
 def _write_hostile_dir(folder: Path) -> tuple[set, dict]:
     """Good files (names) and bad files (name -> expected words of the reason)."""
     good = {
@@ -182,15 +196,21 @@ def test_hostile_directory(tmp_path, config):
     for seed, name in enumerate(sorted(crafted)):
         _clip(videos / name, 4 + 2 * seed)
     write_text_file(videos / "new\nline.mp4")  # a failure whose name holds a newline
+    # a good video whose decode worker is SIGKILLed each time (tests/worker_killer.py): the
+    # pool is rebuilt, the videos in flight are retried, this one is failed, the others are written
+    _clip(videos / "worker_dies.mp4", 6)
+    bad["worker_dies.mp4"] = "decoder process crashed"
     out = tmp_path / "out"
     out.mkdir()
     (out / "one_frame_embedding.npy").write_bytes(b"")  # an empty stale output: recomputed
+    args = ["--video_dir", videos, "--output_dir", out, "--config_path", config, "--summary", "--consolidated",
+            "--num_workers", "1", "--batch_size", "3"]
     start = time.monotonic()
-    proc = run_script(SCRIPT, ["--video_dir", videos, "--output_dir", out, "--config_path", config, "--summary",
-                               "--consolidated", "--num_workers", "1", "--batch_size", "3"], timeout=240)
+    proc = run_script("tests/worker_killer.py", ["worker_dies.", SCRIPT, *args], timeout=240)
     assert proc.returncode == 1, describe(proc)  # some videos failed
     no_traceback(proc)
     assert time.monotonic() - start < 200
+    assert "a decode worker died" in proc.stderr, describe(proc)
     summary = json.loads((out / "extraction_summary.json").read_text())
     status = {Path(v["video_path"]).name: v for v in summary["videos"]}
     assert set(status) == good | set(bad) | crafted | {"new\nline.mp4"}
@@ -220,6 +240,28 @@ def test_hostile_directory(tmp_path, config):
     meta = json.loads((out / "consolidated_embeddings.json").read_text())["metadata"]
     assert (meta["successful"], meta["failed"]) == (ok, failed)
     assert not (out / "pipe_embedding.npy").exists() and not (out / "folder_embedding.npy").exists()
+
+    # the same command with a tampered checkpoint (NaN embeddings): every video fails with a
+    # one-line reason, none is reported as embedded, and the first run's outputs are kept
+    kept = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name.endswith(("_embedding.npy", ".meta.json"))}
+    assert len(kept) == 2 * ok
+    nan_run = run_script(SCRIPT, [*args, "--checkpoint", _write_huge_checkpoint(tmp_path / "huge.pth", config)],
+                         timeout=240)
+    assert nan_run.returncode == 1, describe(nan_run)
+    no_traceback(nan_run)
+    assert f"Embedded 0 videos, {ok + failed} failed, 0 skipped" in nan_run.stdout, describe(nan_run)
+    failed_lines = [line for line in nan_run.stdout.splitlines() if line.startswith("FAILED ")]
+    assert len(failed_lines) == min(20, ok + failed) and f"and {ok + failed - 20} more failures" in nan_run.stdout
+    rows = {Path(v["video_path"]).name: v for v in json.loads((out / "extraction_summary.json").read_text())["videos"]}
+    for name in good | crafted:
+        assert rows[name]["status"] == "failed" and "non-finite" in rows[name]["error"], rows[name]
+        assert "\n" not in rows[name]["error"]
+    assert all(rows[name]["status"] == "failed" for name in bad)
+    meta = json.loads((out / "consolidated_embeddings.json").read_text())["metadata"]
+    assert (meta["successful"], meta["failed"]) == (0, ok + failed)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in kept} == kept  # nothing lost
+    again = run_script(SCRIPT, args, timeout=240)  # the right model again: only worker_dies.mp4 (no killer now) is new
+    assert f"Embedded 1 videos, {failed - 1} failed, {ok} skipped" in again.stdout, describe(again)
 
 
 def test_resume_after_kill(tmp_path, config):
@@ -321,19 +363,11 @@ def test_torchrun_two_cpu_processes(tmp_path, config):
 def test_a_tampered_checkpoint_file_fails_every_video(tmp_path, config):
     """A checkpoint on disk with one tensor set to 1e30 (finite, so load accepts it) gives NaN
     embeddings: every video is failed with the reason, nothing is written, exit 1 (issue 10.7)."""
-    import torch
-
-    from config import from_json
-    from unified_model import create_unified_model
-
     videos = tmp_path / "videos"
     for i in range(2):
         _clip(videos / f"n{i}.mp4")
-    payload = create_unified_model(config=from_json(config), device="cpu").checkpoint_payload()
-    payload["trainable"]["tempme.clip_pos.0"] = torch.full_like(payload["trainable"]["tempme.clip_pos.0"], 1e30)
-    torch.save(payload, tmp_path / "huge.pth")
     proc = run_script(SCRIPT, ["--video_dir", videos, "--output_dir", tmp_path / "out", "--config_path", config,
-                               "--checkpoint", tmp_path / "huge.pth", "--summary"])
+                               "--checkpoint", _write_huge_checkpoint(tmp_path / "huge.pth", config), "--summary"])
     no_traceback(proc)
     assert proc.returncode == 1, describe(proc)
     assert "0 videos, 2 failed" in proc.stdout + proc.stderr, describe(proc)

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from modules.cli_support import UsageError
-from modules.decode_pool import decode_video as _real_decode_video
 from modules.errors import one_line
 from modules.extraction import extract_directory_embeddings
 from modules.retrieval import load_embedding_index, search_embeddings
 from modules.video_listing import unique_names
 from tests.cli_utils import SMALL_CONFIG, describe, no_traceback, run_script, small_model, write_small_config
 from tests.video_factory import write_video
+from tests.worker_killer import die_on
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
@@ -324,17 +324,6 @@ def test_an_unwritable_output_folder_fails_before_any_decode(model, tmp_path, mo
 # ----------------------------------------------------------------------------- item 10: a decode worker dies
 
 
-def _die_on(victim_fragment, marker, path, *args):
-    """decode_video, except that the worker SIGKILLs itself on the victim (only the first
-    time when ``marker`` names a file to create, every time when it is None)."""
-    if victim_fragment in os.path.basename(path) and not (marker and os.path.exists(marker)):
-        if marker:
-            open(marker, "w").close()
-        time.sleep(1.0)  # die while the consumer is busy with earlier videos
-        os.kill(os.getpid(), 9)
-    return _real_decode_video(path, *args)
-
-
 def _slow_down(fn, seconds):
     def slow(*args, **kwargs):
         time.sleep(seconds)
@@ -370,7 +359,7 @@ def test_extraction_survives_a_decode_worker_killed_mid_run(model, tmp_path, mon
 
     for i in range(8):  # more than the pool holds in flight (5): submits follow the crash
         _clip(tmp_path / "videos" / f"v{i}.mp4", seed=i % 2)
-    victim = functools.partial(_die_on, "v1.", None if always else str(tmp_path / "killed"))
+    victim = functools.partial(die_on, "v1.", None if always else str(tmp_path / "killed"))
     monkeypatch.setattr(decode_pool, "decode_video", victim)
     monkeypatch.setattr(extraction, "encode_batch", _slow_down(extraction.encode_batch, 0.4))
     result = extract_directory_embeddings(tmp_path / "videos", tmp_path / "out", model=model, num_workers=2,
@@ -391,7 +380,7 @@ def test_batch_retrieval_survives_a_decode_worker_killed_mid_run(model, tmp_path
     from modules.retrieval import batch_retrieve_events
 
     paths = [str(_clip(tmp_path / f"r{i}.mp4", seed=i % 2)) for i in range(5)]
-    monkeypatch.setattr(decode_pool, "decode_video", functools.partial(_die_on, "r2.", None))
+    monkeypatch.setattr(decode_pool, "decode_video", functools.partial(die_on, "r2.", None))
     monkeypatch.setattr(model, "encode_videos", _slow_down(model.encode_videos, 0.4))
     results = batch_retrieve_events([{"video_path": p, "query": "a clip"} for p in paths], model=model, num_workers=2)
     assert [r["status"] for r in results] == ["success", "success", "error", "success", "success"], results

@@ -241,22 +241,28 @@ def test_a_full_disk_during_consolidated_is_a_one_line_error_and_keeps_the_old_f
     from a memory map), no temp files, and the previous matrix and index intact and paired."""
     videos, out = tmp_path / "v", small_disk / "out"
     config = write_small_config(tmp_path)
-    for seed, name in enumerate("ab"):
-        _clip(videos / f"{name}.mp4", 8, seed=seed)
+    old = 6
+    for seed in range(old):
+        _clip(videos / f"v{seed}.mp4", 6, seed=seed)
     args = ["--video_dir", videos, "--output_dir", out, "--config_path", config, "--consolidated", "--num_workers", "0"]
     first = run_script("extract_video_embeddings.py", args)
     assert first.returncode == 0, describe(first)
     kept = {name: (out / name).read_bytes() for name in ("embeddings.npy", "embeddings_index.json",
                                                          "consolidated_embeddings.json")}
-    _clip(videos / "c.mp4", 8, seed=2)
+    _clip(videos / f"v{old}.mp4", 6, seed=old)
     stat = os.statvfs(small_disk)
     block = stat.f_frsize
-    per_video = _blocks((out / "a_embedding.npy").stat().st_size, block) + _blocks((out / ".a.meta.json").stat().st_size, block)
-    new_matrix = _blocks(len(kept["embeddings.npy"]) + len(kept["embeddings.npy"]) // 2, block)
-    # room for c's files and one block less than the new matrix, or the new matrix and one block
-    # (the old matrix's blocks come back on its replacement: still far less than the JSON needs)
-    room = per_video + new_matrix + (-1 if fails_at == "matrix" else 1)
-    assert _blocks(len(kept["consolidated_embeddings.json"]) * 3 // 2, block) > room - per_video + 4
+    per_video = _blocks((out / "v0_embedding.npy").stat().st_size, block) + _blocks((out / ".v0.meta.json").stat().st_size, block)
+    new_matrix = _blocks(128 + (old + 1) * 512 * 4, block)
+    assert new_matrix >= 3
+    if fails_at == "matrix":
+        # room for the header's and the last row's blocks, not for those between them: a
+        # memory-mapped matrix would be created, then page-fault (SIGBUS) on its middle rows
+        room = per_video + 2
+    else:  # the matrix fits; the JSON does not, even with the old matrix's blocks freed
+        room = per_video + new_matrix + 1
+        new_json = _blocks(len(kept["consolidated_embeddings.json"]) * (old + 1) // old, block)
+        assert new_json > room - per_video + _blocks(len(kept["embeddings.npy"]), block)
     with open(small_disk / "filler", "wb") as fh:
         fh.write(b"\0" * ((stat.f_bavail - room) * block))
     second = run_script("extract_video_embeddings.py", args)
@@ -266,13 +272,13 @@ def test_a_full_disk_during_consolidated_is_a_one_line_error_and_keeps_the_old_f
     assert len(errors) == 1 and "No space left" in errors[0], describe(second)
     assert ("embeddings.npy" if fails_at == "matrix" else "consolidated_embeddings.json") in errors[0], errors
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
-    assert np.load(out / "c_embedding.npy").shape == (512,)  # the new video's own files were written
+    assert np.load(out / f"v{old}_embedding.npy").shape == (512,)  # the new video's own files were written
     for name, data in kept.items():
         assert (out / name).read_bytes() == data, f"{name} was replaced although the consolidated write failed"
     index = json.loads(kept["embeddings_index.json"])
     matrix = np.load(io.BytesIO(kept["embeddings.npy"]))
     assert index["matrix_sha256"] == hashlib.sha256(matrix.astype("<f4").tobytes()).hexdigest()
-    assert index["names"] == ["a", "b"]
+    assert index["names"] == [f"v{i}" for i in range(old)]
 
 
 # ----------------------------------------------------------------------------- item 14: stale temps

@@ -245,3 +245,31 @@ def test_index_without_model_flags_uses_the_model_the_videos_record(tmp_path):
     assert chosen.returncode == 0, describe(chosen)
     assert "three" in chosen.stderr and "another model" in chosen.stderr
     assert sorted(r["name"] for r in VideoLibrary.open(out)) == ["one", "two"]
+
+
+def test_the_server_follows_an_update_made_while_it_serves(tmp_path):
+    """An extraction with --index adding videos while the page is served: the next request
+    sees them (no restart), and no request fails on the files the update replaced."""
+    from fastapi.testclient import TestClient
+
+    from modules.library import VideoLibrary
+    from modules.search_server import create_app
+
+    emb = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    fp = {"clip_weights": "random", "checkpoint": None, "config": {"max_frames": 4}}
+
+    class Encoder:  # every text means the last video's vector
+        def encode_text(self, texts):
+            return np.repeat(emb[7:8], len(texts), axis=0)
+
+    root = tmp_path / "lib"
+    rows = [{"name": f"v{i}", "video_path": f"/videos/v{i}.mp4"} for i in range(8)]
+    VideoLibrary.create(root, fp, 16).add(rows[:4], emb[:4], fingerprint=fp)
+    client = TestClient(create_app(VideoLibrary.open(root, encoder_factory=lambda _fp: Encoder())))
+    before = client.get("/api/search", params={"q": "anything", "top_k": 1}).json()
+    assert before["num_videos"] == 4 and before["results"][0]["name"] != "v7"
+    VideoLibrary.open(root).add(rows[4:], emb[4:], fingerprint=fp)  # another process's update
+    after = client.get("/api/search", params={"q": "anything", "top_k": 1})
+    assert after.status_code == 200, after.text
+    assert after.json()["num_videos"] == 8 and after.json()["results"][0]["name"] == "v7"

@@ -632,7 +632,8 @@ class ModelSpec:
     config: the model's config (the caller's object unless an override applied, and then a
     copy: a caller's config is never written to). checkpoint: the checkpoint path or None.
     payload: the checkpoint's contents as :func:`read_checkpoint` returned them.
-    clip: the CLIP weights inside the checkpoint (TempMe's), used unless clip_weights overrides.
+    clip: the CLIP weights inside the checkpoint (TempMe's), used unless clip_weights or the
+    config names other weights; config.clip_weights then names them (``tempme:PATH``).
     """
 
     config: UnifiedModelConfig
@@ -674,6 +675,12 @@ def load_model_spec(
     if clip_weights is not None and clip_weights != config.clip_weights:
         config = dataclasses.replace(config, clip_weights=clip_weights)
         checkpoint_clip = None  # the user's weights replace those the checkpoint carries
+    if checkpoint_clip is not None:
+        carried = payload["config"]["clip_weights"]  # "tempme:PATH": where the carried CLIP comes from
+        if config.clip_weights is None:  # the config names no weights: the carried ones, and it says so
+            config = dataclasses.replace(config, clip_weights=carried)  # (a training run records it)
+        elif config.clip_weights != carried:
+            checkpoint_clip = None  # weights a config file names replace those the checkpoint carries
     return ModelSpec(config, None if checkpoint is None else os.fspath(checkpoint), payload, checkpoint_clip)
 
 

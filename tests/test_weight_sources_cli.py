@@ -95,7 +95,7 @@ def _open_clip(folder: Path) -> str:
     return str(path)
 
 
-def _hugging_face(folder: Path) -> str:
+def _hugging_face(folder: Path, seed: int = 12) -> str:
     transformers = pytest.importorskip("transformers")
     config = transformers.CLIPConfig(
         text_config=dict(hidden_size=64, intermediate_size=256, num_attention_heads=1, num_hidden_layers=2,
@@ -104,7 +104,7 @@ def _hugging_face(folder: Path) -> str:
                            image_size=SIZE, patch_size=16, hidden_act="gelu"),
         projection_dim=32)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(12)
+        torch.manual_seed(seed)
         model = transformers.CLIPModel(config)
     path = folder / "hf_clip"
     model.save_pretrained(str(path))  # config.json + model.safetensors
@@ -265,3 +265,34 @@ def test_tempme_clip_gives_way_to_weights_a_config_names(monkeypatch):
         assert (spec.config.clip_weights, spec.clip) == (expected, clip), named
     spec = unified_model.load_model_spec(checkpoint="best.pth")  # the checkpoint's own config
     assert (spec.config.clip_weights, spec.clip) == ("tempme:best.pth", carried)
+
+
+def test_rerun_after_new_weights_in_the_same_folder_recomputes(workspace, capsys):
+    """Outputs are reused only for the same weights: a Hugging Face folder (or tempme:PATH)
+    is identified by its files' content, as a weights file is. Failed before: by its path,
+    so a rerun after new weights were saved into the folder skipped the video and kept the
+    old weights' embedding."""
+    from config import UnifiedModelConfig
+    from unified_model import clip_weights_identity
+
+    folder = workspace / "hf_swap"
+    folder.mkdir()
+    weights = _hugging_face(folder, seed=21)
+    config = _tiny_config(workspace, "hf_swap", None)
+    out = folder / "out"
+    argv = ["--video_dir", workspace / "videos", "--output_dir", out, "--config_path", config, "--clip_weights", weights,
+            "--device", "cpu", "--num_workers", "0", "--quiet"]
+    code, stdout, stderr = _run("extract_video_embeddings", argv, capsys)
+    assert code == 0 and "Embedded 1 videos, 0 failed, 0 skipped" in stdout, stdout + stderr
+    first = np.load(out / "clip_embedding.npy")
+    code, stdout, stderr = _run("extract_video_embeddings", argv, capsys)
+    assert code == 0 and "Embedded 0 videos, 0 failed, 1 skipped" in stdout, stdout + stderr  # same weights: reused
+    _hugging_face(folder, seed=22)  # other weights saved over the folder
+    code, stdout, stderr = _run("extract_video_embeddings", argv, capsys)
+    assert code == 0 and "Embedded 1 videos, 0 failed, 0 skipped" in stdout, stdout + stderr
+    assert np.abs(np.load(out / "clip_embedding.npy") - first).max() > 1e-2
+    # tempme:PATH names the file's content like the bare path
+    plain = UnifiedModelConfig(clip_weights=str(out / "clip_embedding.npy"))
+    prefixed = UnifiedModelConfig(clip_weights="tempme:" + str(out / "clip_embedding.npy"))
+    assert clip_weights_identity(plain).startswith("file:")
+    assert clip_weights_identity(prefixed) == clip_weights_identity(plain)

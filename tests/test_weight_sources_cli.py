@@ -296,3 +296,42 @@ def test_rerun_after_new_weights_in_the_same_folder_recomputes(workspace, capsys
     prefixed = UnifiedModelConfig(clip_weights="tempme:" + str(out / "clip_embedding.npy"))
     assert clip_weights_identity(plain).startswith("file:")
     assert clip_weights_identity(prefixed) == clip_weights_identity(plain)
+
+
+def test_open_clip_tag_through_the_scripts(workspace, capsys, monkeypatch):
+    """``open_clip:NAME/TAG`` (open_clip's download stubbed offline, handing over a tiny GELU
+    file as test_formats.py does): extraction, training, and inference from the trained
+    checkpoint, which follows the recorded tag without --clip_weights (it names weights, not a file)."""
+    open_clip = pytest.importorskip("open_clip")
+    folder = workspace / "open_clip_tag"
+    folder.mkdir()
+    path = _open_clip(folder)
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, cache_dir=None, **kwargs: path)
+    tag = "open_clip:ViT-B-32/laion2b_s34b_b79k"  # open_clip builds ViT-B-32 with GELU: the name says it
+    config = _tiny_config(workspace, "open_clip_tag", None)
+    video = workspace / "videos" / "clip.mp4"
+    reference = create_unified_model(config, device="cpu", clip_weights=tag)
+    out = folder / "embeddings"
+    code, stdout, stderr = _run("extract_video_embeddings", ["--video_dir", video.parent, "--output_dir", out,
+                                                             "--config_path", config, "--clip_weights", tag,
+                                                             "--device", "cpu", "--num_workers", "0", "--quiet"], capsys)
+    assert code == 0, stdout + stderr
+    with torch.no_grad():
+        np.testing.assert_allclose(np.load(out / "clip_embedding.npy"), reference.extract_video_embedding(video),
+                                   atol=1e-5)
+    code, stdout, stderr = _run("train_unified_model", ["--config", config, "--clip_weights", tag, "--device", "cpu",
+                                                        "--quiet"], capsys)
+    assert code == 0, stdout + stderr
+    trained = folder / "ckpt" / "last.pth"
+    payload = read_checkpoint(trained)
+    assert payload["config"]["clip_weights"] == tag
+    result_file = folder / "result.json"
+    code, stdout, stderr = _run("inference", ["--video_path", video, "--query", QUERY, "--checkpoint", trained,
+                                              "--device", "cpu", "--top_k", "2", "--output", result_file], capsys)
+    assert code == 0, stdout + stderr
+    [result] = json.loads(result_file.read_text())
+    reference.load_trainable_state(payload["trainable"])
+    with torch.no_grad():
+        hits = reference.retrieve(video, QUERY, top_k=2)
+    assert result["frames"] == [h.frame for h in hits]
+    np.testing.assert_allclose(result["scores"], [h.score for h in hits], atol=1e-5)

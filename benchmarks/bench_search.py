@@ -72,10 +72,40 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+#: model flags of the libraries' model; set by main: ``--clip_weights random``, or
+#: ``--config_path CFG`` naming random ViT-B/32 weights saved as a file (--weights file)
+MODEL_FLAGS: List[str] = ["--clip_weights", "random"]
+
+
 def fingerprint() -> Dict:
     from modules.library_cli import cli_fingerprint
 
+    if MODEL_FLAGS[0] == "--config_path":
+        return cli_fingerprint(MODEL_FLAGS[1], None, None)
     return cli_fingerprint(None, None, "random")
+
+
+def write_weights_file(work: Path) -> List[str]:
+    """Random ViT-B/32 weights (seed 0) saved as a state-dict file, and a config naming it."""
+    import torch
+
+    from modules.module_clip import random_state_dict
+
+    weights, config = work / "ViT-B-32-random.pt", work / "model_config.json"
+    if not weights.is_file():
+        torch.save(random_state_dict("ViT-B/32"), weights)
+    config.write_text(json.dumps({"clip_weights": str(weights), "clip_activation": "quick_gelu"}))
+    return ["--config_path", str(config)]
+
+
+def import_torch_floor(runs: int) -> float:
+    """Median wall time of a fresh ``python -c 'import torch'``: the floor of any cold CLI."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch"], check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int, reuse: bool = False):
@@ -129,7 +159,7 @@ def cold_cli(folder: Path, runs: int, extra: List[str]) -> float:
     for _ in range(runs):
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder), "--query",
-                               QUERY, "--clip_weights", "random", "--top_k", "10", "-q", *extra],
+                               QUERY, *MODEL_FLAGS, "--top_k", "10", "-q", *extra],
                               capture_output=True, text=True)
         times.append(time.perf_counter() - start)
         if proc.returncode != 0:
@@ -177,7 +207,7 @@ def load_test(folder: Path, clients: int, seconds: float, max_requests: int) -> 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder), "--serve",
-                               "--port", str(port), "--clip_weights", "random", "-q"],
+                               "--port", str(port), *MODEL_FLAGS, "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -264,6 +294,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--reuse", action="store_true",
                         help="open the libraries an earlier run left in --work_dir instead of building them "
                              "(build time then reads nan)")
+    parser.add_argument("--weights", choices=("file", "random"), default="file",
+                        help="the model's CLIP weights: random ViT-B/32 weights saved as a file and named by a "
+                             "config (as a user's weights file is read), or generated in each process "
+                             "(--clip_weights random)")
+    parser.add_argument("--only_cli", action="store_true",
+                        help="with --reuse: only the cold CLI timings of the libraries already built")
     args = parser.parse_args(argv)
 
     import torch
@@ -276,11 +312,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     centres = np.random.default_rng(2).standard_normal((CENTRES, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    model = create_unified_model(clip_weights="random", device="cpu", merge_lora=True)
+    if args.weights == "file":
+        MODEL_FLAGS[:] = write_weights_file(work)
+    if args.only_cli:
+        return only_cli(work, args)
+    if MODEL_FLAGS[0] == "--config_path":
+        model = create_unified_model(config_path=MODEL_FLAGS[1], device="cpu", merge_lora=True)
+    else:
+        model = create_unified_model(clip_weights="random", device="cpu", merge_lora=True)
     encoder = ModelQueryEncoder(model)
     texts = [f"{QUERY} {i}" for i in range(20)]
     queries = clustered(args.queries, 99, centres)
-    print(f"# bench_search: {os.cpu_count()} CPUs, dim {DIM}, {CENTRES} clusters, work dir {work}", flush=True)
+    print(f"# bench_search: {os.cpu_count()} CPUs, dim {DIM}, {CENTRES} clusters, work dir {work}, "
+          f"model flags {' '.join(MODEL_FLAGS)}, load average {os.getloadavg()[0]:.2f}", flush=True)
     sizes = [("videos", int(n)) for n in args.videos.split(",") if n] + \
             [("segments", int(n)) for n in args.segments.split(",") if n]
     rows = []
@@ -351,6 +395,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"load test, {args.clients} clients x {args.load_seconds:.0f} s on 127.0.0.1 ({largest_videos[2]:,} videos): "
               f"{load['requests']} requests, {load['errors']} errors, {load['rps']:.0f} requests/s, "
               f"p50 {load['p50'] * 1e3:.1f} ms, p99 {load['p99'] * 1e3:.1f} ms")
+    if args.cli_runs:
+        print(f"fresh `python -c 'import torch'` (the floor of any cold CLI): median "
+              f"{import_torch_floor(args.cli_runs):.2f} s")
     thumbs = thumbnail_cost(work)
     print(f"thumbnail at request time (640x360 H.264, 30 s, GOP 250): median {thumbs['cut_ms']:.1f} ms to seek, "
           f"decode and encode a {thumbs['jpeg_bytes'] / 1024:.1f} KiB JPEG; stored per moment at index time it would "
@@ -358,6 +405,22 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"({thumbs['jpeg_bytes'] * SEGMENTS_PER_VIDEO * 1_000_000 / 2**30:.1f} GiB per million videos)")
     if args.work_dir is None:
         shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def only_cli(work: Path, args: argparse.Namespace) -> int:
+    """Cold CLI timings of libraries an earlier run built in ``work`` (quick, for a quiet machine)."""
+    print(f"# cold CLI only: model flags {' '.join(MODEL_FLAGS)}, load average {os.getloadavg()[0]:.2f}")
+    print(f"fresh `python -c 'import torch'`: median {import_torch_floor(args.cli_runs):.2f} s")
+    print("\n| library | rows | cold CLI s (median) | runs |\n|---|---|---|---|")
+    for kind, n in [("videos", int(v)) for v in args.videos.split(",") if v] + \
+                   [("segments", int(v)) for v in args.segments.split(",") if v]:
+        root = work / f"{kind}_{n}"
+        if not (root / "library" / "manifest.json").is_file():
+            continue
+        times = [cold_cli(root, 1, ["--moments"] if kind == "segments" else []) for _ in range(args.cli_runs)]
+        print(f"| {kind} | {n:,} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 

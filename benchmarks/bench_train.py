@@ -33,11 +33,11 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from config import from_dict  # noqa: E402
-from modules.data import EvalVideos  # noqa: E402
 from modules.tokenization_clip import tokenize_for_model  # noqa: E402
 from modules.clip_archs import small_arch  # noqa: E402
 from modules.module_clip import random_state_dict  # noqa: E402
 from modules.training import Trainer, contrastive_loss, small_config_dict  # noqa: E402
+from modules.video_sampler import sample_video  # noqa: E402
 
 SIZE = 64
 LAYERS = 4
@@ -69,10 +69,11 @@ def probe_loss(trainer: Trainer, batches: List[List[int]]) -> float:
     was = model.training
     model.eval()
     split = trainer.data.train
-    videos = EvalVideos(split.videos, trainer.config.num_segments, trainer.config.video_size)
+    cfg = trainer.config
     losses = []
     for batch in batches:
-        frames = torch.stack([videos[split.caption_video[t]]["frames"] for t in batch])
+        frames = torch.stack([sample_video(split.videos[split.caption_video[t]], cfg.num_segments, cfg.video_size).frames
+                              for t in batch])
         tokens = tokenize_for_model([split.captions[t] for t in batch], trainer.config.max_words)
         with trainer._autocast():
             video = model.encode_videos(frames).video_embeddings

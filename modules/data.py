@@ -40,7 +40,6 @@ __all__ = [
     "RetrievalSplit",
     "DataSplits",
     "TrainPairs",
-    "EvalVideos",
     "EpochBatchSampler",
     "sample_rng",
     "epoch_permutation",
@@ -49,7 +48,6 @@ __all__ = [
     "load_data_splits",
     "check_data_paths",
     "make_train_loader",
-    "make_eval_loader",
     "MSRVTT_FILES",
     "VIDEO_EXTENSIONS",
 ]
@@ -404,30 +402,6 @@ class TrainPairs(Dataset):
         raise RuntimeError(f"{_MAX_DECODE_FALLBACKS} consecutive training videos failed to decode, from item {index}")
 
 
-class EvalVideos(Dataset):
-    """The unique videos of a split, centre-of-segment sampling (deterministic).
-
-    ``__getitem__(i)`` -> dict ``frames`` (N, 3, S, S), ``video`` i, ``ok`` False when the
-    file could not be decoded (frames are then zeros and the failure is logged).
-    """
-
-    def __init__(self, videos: Sequence[str], num_segments: int, size: int) -> None:
-        self.videos, self.num_segments, self.size = list(videos), num_segments, size
-
-    def __len__(self) -> int:
-        return len(self.videos)
-
-    def __getitem__(self, i: int) -> Dict[str, Any]:
-        try:
-            frames = sample_video(self.videos[i], self.num_segments, self.size, train=False).frames
-            ok = True
-        except VideoDecodeError as err:
-            logger.error("evaluation video failed to decode, scored from blank frames: %s", err)
-            frames = torch.zeros(self.num_segments, 3, self.size, self.size)
-            ok = False
-        return {"frames": frames, "video": i, "ok": ok}
-
-
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding workers must not compete with the training process's threads
 
@@ -435,12 +409,4 @@ def _worker_init(_: int) -> None:
 def make_train_loader(dataset: TrainPairs, sampler: EpochBatchSampler, num_workers: int, pin_memory: bool = False) -> DataLoader:
     """DataLoader over ``sampler``'s key batches (workers decode; collation stacks tensors)."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      worker_init_fn=_worker_init if num_workers else None)
-
-
-def make_eval_loader(dataset: EvalVideos, indices: Sequence[int], batch_size: int, num_workers: int,
-                     pin_memory: bool = False) -> DataLoader:
-    """DataLoader over the given video indices (a process's shard), in order."""
-    subset = torch.utils.data.Subset(dataset, list(indices))
-    return DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=pin_memory,
                       worker_init_fn=_worker_init if num_workers else None)

@@ -254,14 +254,12 @@ class VisionTransformer(nn.Module):
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width ** -0.5
-        self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(
-            scale * torch.randn(self.grid_size ** 2 + 1, width)
-        )
+        self.class_embedding = nn.Parameter(_scaled_randn(scale, width))
+        self.positional_embedding = nn.Parameter(_scaled_randn(scale, self.grid_size ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
-        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.proj = nn.Parameter(_scaled_randn(scale, width, output_dim))
 
     def embed(self, images: Tensor) -> Tensor:
         """images (B, 3, H, W) -> layer-0 tokens (B, 1 + g*g, width): conv1, CLS, pos, ln_pre."""
@@ -287,6 +285,17 @@ class VisionTransformer(nn.Module):
         """images (B, 3, H, W) -> features (B, output_dim), not normalised."""
         x = self.transformer(self.embed(images))
         return self.head(x[:, 0])
+
+
+def _scaled_randn(scale: float, *shape: int) -> Tensor:
+    """``scale * N(0, 1)`` of ``shape``; left empty on the meta device.
+
+    build_model constructs on the meta device and loads every value afterwards; there,
+    torch draws random numbers and scales through its Python reference kernels, whose
+    first use imports torch._dynamo (seconds of a cold start) for tensors with no values.
+    """
+    empty = torch.empty(shape)
+    return empty if empty.is_meta else scale * torch.randn(shape)
 
 
 def patchify(images: Tensor, patch: int) -> Tensor:
@@ -346,15 +355,20 @@ class CLIP(nn.Module):
             activation=activation,
         )
         self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, activation)
-        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        # on the meta device nn.Embedding is handed its (empty) weight, which skips its normal_
+        # init; elsewhere it draws as it always did, so random weights stay the same numbers
+        token_weight = torch.empty(vocab_size, transformer_width)
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width,
+                                            _weight=token_weight if token_weight.is_meta else None)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
         self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
-        self.logit_scale = nn.Parameter(torch.ones([]) * math.log(1 / 0.07))
+        self.logit_scale = nn.Parameter(torch.full([], math.log(1 / 0.07)))
         # Derived from context_length, so kept out of the state dict (OpenAI's has none).
         self.register_buffer("attn_mask", _causal_mask(context_length), persistent=False)
 
-        self.initialize_parameters()
+        if not self.logit_scale.is_meta:  # meta tensors (build_model) hold no values to draw
+            self.initialize_parameters()
 
     def initialize_parameters(self) -> None:
         """OpenAI's initialisation of the text side (the ViT initialises itself)."""
@@ -418,8 +432,12 @@ def _heads_for_width(width: int) -> int:
 
 
 def _causal_mask(length: int) -> Tensor:
-    """(L, L) additive mask: 0 on and below the diagonal, -inf above."""
-    return torch.full((length, length), float("-inf")).triu_(1)
+    """(L, L) additive mask on the CPU: 0 on and below the diagonal, -inf above.
+
+    Made on the CPU even under a meta default device: torch's meta ``triu_`` is a Python
+    reference kernel whose first use imports torch._dynamo (seconds of a cold start).
+    """
+    return torch.full((length, length), float("-inf"), device="cpu").triu_(1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,13 +497,14 @@ def build_model(state_dict: Mapping[str, Tensor], activation: str = "quick_gelu"
     state_dict = {k: v for k, v in state_dict.items() if k not in NON_PARAMETER_KEYS}
     config = infer_config(state_dict)
     # Built on the meta device: the random initialisation (seconds for ViT-B/32) would be
-    # overwritten anyway. Every persistent tensor is then filled by the strict load; the
-    # only non-persistent one, the causal mask, is recomputed.
+    # overwritten anyway. The strict load then puts the model's own float32 copies of the
+    # tensors in place of every meta parameter (copies: LoRA merging and training write into
+    # them, the caller's tensors stay as they were; fp16 weights become fp32). The only
+    # non-persistent tensor, the causal mask, is made on the CPU by the constructor.
     with torch.device("meta"):
         model = CLIP(**config, activation=activation)
-    model = model.to_empty(device="cpu")
-    model.attn_mask = _causal_mask(config["context_length"])
-    model.load_state_dict(state_dict, strict=True)  # copies; fp16 weights become fp32
+    own = {k: v.to(device="cpu", dtype=torch.float32, copy=True) for k, v in state_dict.items()}
+    model.load_state_dict(own, strict=True, assign=True)
     return model.float().eval()
 
 

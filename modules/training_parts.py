@@ -5,11 +5,13 @@ decay, phases, DDP loss) and its Trainer puts these pieces together.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -20,10 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from config import ConfigError, TrainingConfig
-from modules.data import EvalVideos, RetrievalSplit, make_eval_loader
+from modules.data import RetrievalSplit
+from modules.decode_pool import DecodedVideo, decode_stream
 from modules.distributed import DistEnv
 from modules.metrics import retrieval_metrics
 from modules.tokenization_clip import tokenize_for_model
+from modules.video_sampler import normalize_uint8
 from unified_model import UnifiedTempMeSTOPModel
 
 __all__ = [
@@ -56,6 +60,8 @@ MODE_GROUPS = {"joint": ("tempme", "stop"), "tempme_only": ("tempme",), "stop_on
 #: never trained: the contrastive loss uses the loaded CLIP's temperature
 FROZEN = ("clip.logit_scale",)
 _NO_DECAY_NAMES = re.compile(r"(embedding|base_prompts|clip_pos)")
+
+logger = logging.getLogger(__name__)
 
 
 # ============================================================================ distributed
@@ -148,26 +154,59 @@ def validation_loss(sim: torch.Tensor, caption_video: Sequence[int], logit_scale
     return {"loss": float((t2v + v2t) / 2), "t2v": float(t2v), "v2t": float(v2t)}
 
 
+def _decoded_batches(videos: Sequence[str], shard: Sequence[int], config, batch_size: int,
+                     num_workers: int) -> Iterator[Tuple[List[int], List[DecodedVideo]]]:
+    """``shard``'s videos decoded by the decode stage, ``batch_size`` at a time in shard order.
+
+    Decodes finish in any order; a batch is handed out once all its videos are back, so the
+    forwards (and the numbers) do not depend on which worker was quicker. A worker that dies
+    costs only the video that kills it (a failed :class:`DecodedVideo`).
+    """
+    batches = [list(shard[i:i + batch_size]) for i in range(0, len(shard), batch_size)]
+    done: Dict[str, DecodedVideo] = {}
+    stream = decode_stream([videos[i] for i in shard], config, num_workers)  # split videos are unique
+    try:
+        for (path, *_), decoded in stream:
+            done[path] = decoded
+            while batches and all(videos[i] in done for i in batches[0]):
+                ids = batches.pop(0)
+                yield ids, [done.pop(videos[i]) for i in ids]
+    finally:
+        stream.close()
+
+
 @torch.no_grad()
 def evaluate_split(model: UnifiedTempMeSTOPModel, split: RetrievalSplit, env: DistEnv, batch_size: int,
                    num_workers: int, autocast: Callable[[], Any], progress: bool = False) -> Dict[str, Dict[str, float]]:
     """Retrieval metrics and loss of ``model`` on a split: {"t2v", "v2t", "loss", "info"}.
 
-    Each process encodes its shard of the videos (``batch_size`` per forward) and captions;
+    Each process decodes its shard of the videos in ``num_workers`` decode processes (0:
+    inline), encodes them ``batch_size`` per forward, and encodes its share of the captions;
     the embeddings are gathered, then every process ranks the full caption-by-video matrix.
-    ``autocast`` makes the context the forwards run in.
+    A video that fails to decode (or crashes its decoder) is scored from blank frames and
+    counted in ``info["failed_videos"]``. ``autocast`` makes the context the forwards run in.
     """
     config, device = model.config, model.device
-    dataset = EvalVideos(split.videos, config.num_segments, config.video_size)
     shard = list(range(env.rank, len(split.videos), env.world_size))
-    loader = make_eval_loader(dataset, shard, batch_size, num_workers, pin_memory=device.type == "cuda")
+    blank = torch.zeros(config.num_segments, 3, config.video_size, config.video_size, dtype=torch.uint8)
     video_parts, video_ids, failed = [], [], 0
-    for batch in tqdm(loader, desc="eval videos", disable=not progress, leave=False, dynamic_ncols=True):
-        with autocast():
-            emb = model.encode_videos(batch["frames"].to(device)).video_embeddings
-        video_parts.append(emb.float().cpu())
-        video_ids.extend(int(v) for v in batch["video"])
-        failed += int((~batch["ok"]).sum())
+    batches = _decoded_batches(split.videos, shard, config, max(1, batch_size), num_workers)
+    with contextlib.closing(batches), tqdm(total=len(shard), desc="eval videos", disable=not progress,
+                                           leave=False, dynamic_ncols=True) as bar:
+        for ids, decoded in batches:
+            for d in decoded:
+                if not d.ok:
+                    logger.error("evaluation video failed to decode, scored from blank frames: %s: %s", d.path, d.error)
+            ok = torch.tensor([d.ok for d in decoded])
+            # uint8 to the device, normalised there as extraction does; a failed video's frames are zeros after it
+            frames = normalize_uint8(torch.stack([d.video.frames if d.ok else blank for d in decoded]).to(device))
+            frames[~ok.to(device)] = 0
+            with autocast():
+                emb = model.encode_videos(frames).video_embeddings
+            video_parts.append(emb.float().cpu())
+            video_ids.extend(ids)
+            failed += int((~ok).sum())
+            bar.update(len(ids))
     text_ids = list(range(env.rank, len(split.captions), env.world_size))
     text_parts = []
     chunk = max(1, batch_size) * 4

@@ -162,7 +162,7 @@ class Writer:
 
 def model_record_path(output_dir: str, fingerprint: str) -> str:
     """``<output_dir>/.<fingerprint>.model.json``: what built the embeddings of that fingerprint
-    (written by every run), so a folder names its model without a summary or index."""
+    (written with a run's first video), so a folder names its model without a summary or index."""
     if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
         raise ValueError(f"not a model fingerprint: {fingerprint!r}")
     return os.path.join(output_dir, f".{fingerprint}{MODEL_SUFFIX}")
@@ -296,6 +296,7 @@ class OutputFilesWriter(Writer):
         self.overwrite = overwrite
         self.model_fingerprint: Optional[str] = None
         self.model_info: Optional[Dict[str, Any]] = None
+        self._model_recorded = False
         self.untrusted: Dict[str, int] = {}  # reason -> videos whose old outputs were not reused
 
     def files(self, name: str) -> Dict[str, str]:
@@ -311,8 +312,6 @@ class OutputFilesWriter(Writer):
 
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         check_writable(self.output_dir)
-        if self.model_info is not None:  # the same bytes from every shard: no write race
-            save_json_atomic(model_record_path(self.output_dir, self.model_fingerprint), self.model_info, indent=None)
         if cleanup:
             folders = {self.output_dir} | {os.path.dirname(meta_path(self.output_dir, e.name)) for e in entries}
             removed = cleanup_stale_temp_files(self.output_dir, final_suffixes=OWN_SUFFIXES, folders=sorted(folders))
@@ -366,6 +365,11 @@ class OutputFilesWriter(Writer):
         """Write one video's files (each atomically); embedding files, then the record."""
         files = self.files(result.name)
         record = meta_path(self.output_dir, result.name)
+        if self.model_info is not None and not self._model_recorded:
+            # before the first video's record names the fingerprint (a model that never
+            # built leaves none); the same bytes from every shard: no write race
+            save_json_atomic(model_record_path(self.output_dir, self.model_fingerprint), self.model_info, indent=None)
+            self._model_recorded = True
         with contextlib.suppress(FileNotFoundError):
             os.remove(record)  # outputs being replaced are untrusted until the new record is in
         table = result.extra.get("windows")  # a long video's window table (modules.long_video)

@@ -237,7 +237,8 @@ def run_index(args: argparse.Namespace) -> int:
 
     report = library_cli.run_index(args)
     print(f"Library {report['library']}: {report['videos']} videos ({report['added']} added with "
-          f"{report['segments']} moments, {report['skipped']} already there, {report['failed']} unreadable)")
+          f"{report['segments']} moments, {report['skipped']} already there, {report['failed']} unreadable"
+          + (f", {report['other_model']} of another model left out" if report.get("other_model") else "") + ")")
     return 1 if report["failed"] else 0
 
 

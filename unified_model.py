@@ -34,7 +34,7 @@ from modules.heads import build_head
 from modules.lora import LoRAQKV, merge_lora_weights
 from modules.checkpoint_formats import is_tempme_state, read_tempme_checkpoint, tempme_payload
 from modules.clip_weights import (TEMPME_PREFIX, ClipWeights, WeightsError, checkpoint_clip_weights, choose_activation,
-                                  first_non_finite, resolve_clip_weights)
+                                  first_non_finite, local_weights_files, resolve_clip_weights)
 from modules.module_clip import build_model
 from modules.stop_prompts import SpatialPromptGenerator, TemporalPromptGenerator
 from modules.tempme_encoder import PromptInputs, TempMeEncoder
@@ -440,17 +440,25 @@ def clip_weights_identity(config: UnifiedModelConfig, clip_state_dict: Optional[
     if clip_state_dict is not None:
         return "tensors:" + tensors_digest(clip_state_dict)
     value = config.clip_weights
-    override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
-    if override and value != "random" and not (value and os.path.isfile(value)):
-        value = override  # an official name is read from this file (modules.clip_weights)
+    # by content: a Hugging Face folder or tempme:PATH whose files change is other weights
+    files = local_weights_files(value)
+    if not files:
+        override = os.environ.get("UNIFIED_CLIP_WEIGHTS")
+        if override and value != "random":
+            value = override  # an official name is read from this file (modules.clip_weights)
+            files = local_weights_files(value)
     if value is None:
         return "name:" + config.tempme.base_encoder
     if value == "random":
         return "random:" + config.tempme.base_encoder
-    if os.path.isfile(value):
-        st = os.stat(value)
-        return "file:" + _file_digest_cached(os.path.realpath(value), st.st_size, st.st_mtime_ns)
+    if files:
+        return "file:" + "+".join(_file_digest(path) for path in files)
     return "name:" + value
+
+
+def _file_digest(path: str) -> str:
+    st = os.stat(path)
+    return _file_digest_cached(os.path.realpath(path), st.st_size, st.st_mtime_ns)
 
 
 def fingerprint_parts_of(config: UnifiedModelConfig, weights: str, checkpoint: str) -> Dict[str, str]:
@@ -632,7 +640,8 @@ class ModelSpec:
     config: the model's config (the caller's object unless an override applied, and then a
     copy: a caller's config is never written to). checkpoint: the checkpoint path or None.
     payload: the checkpoint's contents as :func:`read_checkpoint` returned them.
-    clip: the CLIP weights inside the checkpoint (TempMe's), used unless clip_weights overrides.
+    clip: the CLIP weights inside the checkpoint (TempMe's), used unless clip_weights or the
+    config names other weights; config.clip_weights then names them (``tempme:PATH``).
     """
 
     config: UnifiedModelConfig
@@ -674,6 +683,12 @@ def load_model_spec(
     if clip_weights is not None and clip_weights != config.clip_weights:
         config = dataclasses.replace(config, clip_weights=clip_weights)
         checkpoint_clip = None  # the user's weights replace those the checkpoint carries
+    if checkpoint_clip is not None:
+        carried = payload["config"]["clip_weights"]  # "tempme:PATH": where the carried CLIP comes from
+        if config.clip_weights is None:  # the config names no weights: the carried ones, and it says so
+            config = dataclasses.replace(config, clip_weights=carried)  # (a training run records it)
+        elif config.clip_weights != carried:
+            checkpoint_clip = None  # weights a config file names replace those the checkpoint carries
     return ModelSpec(config, None if checkpoint is None else os.fspath(checkpoint), payload, checkpoint_clip)
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "is_official_name",
     "first_non_finite",
     "read_user_file",
+    "local_weights_files",
 ]
 
 
@@ -362,11 +363,31 @@ def _load_folder(path: str) -> ClipWeights:
         raise WeightsError(f"{config_path}: not valid JSON ({_one_line(err)})") from None
     if not isinstance(config, dict):
         raise WeightsError(f"{config_path}: expected a JSON object")
+    weights = _folder_weights_file(path)
+    if weights is None:
+        raise WeightsError(f"weights folder {path} has neither model.safetensors nor pytorch_model.bin")
+    return _parse(read_user_file(weights), weights, config)
+
+
+def _folder_weights_file(path: str) -> Optional[str]:
+    """The weights file a Hugging Face folder's model loads from (safetensors first)."""
     for filename in ("model.safetensors", "pytorch_model.bin"):
         weights = os.path.join(path, filename)
         if os.path.isfile(weights):
-            return _parse(read_user_file(weights), weights, config)
-    raise WeightsError(f"weights folder {path} has neither model.safetensors nor pytorch_model.bin")
+            return weights
+    return None
+
+
+def local_weights_files(setting: Optional[str]) -> List[str]:
+    """The local files a ``clip_weights`` setting reads: a file, the file of ``tempme:PATH``, or
+    a Hugging Face folder's config.json and weights file; [] for names and missing paths."""
+    if not setting or setting == "random" or setting.startswith(OPEN_CLIP_PREFIX):
+        return []
+    path = os.path.expanduser(setting[len(TEMPME_PREFIX):] if setting.startswith(TEMPME_PREFIX) else setting)
+    if os.path.isdir(path):
+        weights = _folder_weights_file(path)
+        return [os.path.join(path, "config.json")] + ([weights] if weights else [])
+    return [path] if os.path.isfile(path) else []
 
 
 def load_clip_weights(name_or_path: str, cache_dir: Optional[str] = None, download: bool = True) -> ClipWeights:

@@ -210,10 +210,18 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
         logger.warning("no video files (%s) in %s%s", " ".join(exts), video_dir,
                        "" if options.recursive else " (not recursive)")
     parts = model.fingerprint_parts if model is not None else spec_fingerprint(spec)
+    model_info = {
+        "config_path": None if spec is None or options.config_path is None else os.fspath(options.config_path),
+        "checkpoint": None if spec is None else spec.checkpoint,
+        "clip_weights": config.clip_weights,
+        "config": config.to_dict(),
+        "fingerprint": join_fingerprint(parts),
+        "fingerprint_parts": parts,
+    }
     writers = [OutputFilesWriter(output_dir, options.save_format, options.save_frame_features, options.consolidated,
                                  options.summary, options.overwrite), *options.writers]
     for writer in writers:
-        writer.bind_model(join_fingerprint(parts), parts)
+        writer.bind_model(join_fingerprint(parts), parts, model_info)
         writer.prepare(entries, cleanup=env.world_size == 1)
     mine = shard_entries(entries, env.rank, env.world_size)
     records: Dict[str, VideoResult] = {}
@@ -242,14 +250,7 @@ def plan_extraction(options: ExtractionOptions) -> ExtractionPlan:
         "num_workers": workers, "parallel_batches": plan.lanes, "overwrite": options.overwrite,
         "save_frame_features": options.save_frame_features, "world_size": env.world_size,
     }
-    plan.model_info = {
-        "config_path": None if spec is None or options.config_path is None else os.fspath(options.config_path),
-        "checkpoint": None if spec is None else spec.checkpoint,
-        "clip_weights": config.clip_weights,
-        "config": config.to_dict(),
-        "fingerprint": join_fingerprint(parts),
-        "fingerprint_parts": parts,
-    }
+    plan.model_info = model_info
     return plan
 
 

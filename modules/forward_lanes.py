@@ -151,14 +151,18 @@ def threads_per_lane(lanes: int) -> int:
 
 
 @contextlib.contextmanager
-def lane_threads(lanes: int) -> Iterator[None]:
-    """Give torch :func:`threads_per_lane` threads for a block (unchanged for one lane), then restore."""
+def torch_threads(count: int) -> Iterator[None]:
+    """Run a block with ``count`` torch threads, then restore the previous setting."""
     before = torch.get_num_threads()
-    share = threads_per_lane(lanes)
-    if share != before:
-        torch.set_num_threads(share)
+    if count != before:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
+
+
+def lane_threads(lanes: int):
+    """Give torch :func:`threads_per_lane` threads for a block (unchanged for one lane), then restore."""
+    return torch_threads(threads_per_lane(lanes))

@@ -86,6 +86,11 @@ def describe_fingerprint(fingerprint: Mapping[str, Any]) -> str:
     return ", ".join(parts) + f" [{fingerprint_id(fingerprint)}]"
 
 
+def _file_key(st: os.stat_result) -> Tuple[int, int, int]:
+    """What changes when a file is replaced (an atomic rename gives a new inode)."""
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def library_path(output_dir: PathLike) -> str:
     """Where extraction keeps the library of ``output_dir``."""
     return os.path.join(os.fspath(output_dir), LIBRARY_DIR)
@@ -136,6 +141,7 @@ class VideoLibrary:
         self._indexes: Dict[Tuple[str, int], Any] = {}
         self._parquet: Dict[Tuple[str, int], Any] = {}
         self._groups: "collections.OrderedDict[Tuple[str, int, int], Any]" = collections.OrderedDict()
+        self._manifest_key: Optional[Tuple[int, int, int]] = None  # (inode, size, mtime_ns) of the manifest read
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -154,13 +160,33 @@ class VideoLibrary:
                                "build one with extract_video_embeddings.py --index")
         try:
             with open(manifest_path, encoding="utf-8") as fh:
+                key = _file_key(os.fstat(fh.fileno()))  # of the file read, not of the name later
                 manifest = json.load(fh)
             if manifest.get("format") != FORMAT or int(manifest.get("version", -1)) != VERSION:
                 raise ValueError(f"not a version {VERSION} {FORMAT} manifest")
             library = cls(root, manifest, encoder_factory)
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise LibraryError(f"{manifest_path}: unreadable library manifest ({err})") from None
+        library._manifest_key = key
         return library
+
+    def latest(self) -> "VideoLibrary":
+        """The library as it is on disk now: ``self`` when no update replaced its manifest
+        since it was opened, else a new snapshot sharing this one's query encoder.
+
+        A snapshot stays searchable through one more update (an update deletes the files of
+        the generation before the one it replaces), so a reader that calls ``latest()``
+        before each search never reads a deleted file; rows keep their numbers.
+        """
+        try:
+            key = _file_key(os.stat(os.path.join(self.root, MANIFEST)))
+        except OSError:
+            return self
+        if key == self._manifest_key:
+            return self
+        fresh = VideoLibrary.open(self.root, self._encoder_factory)
+        fresh._encoder = self._encoder
+        return fresh
 
     @classmethod
     def create(cls, path: PathLike, fingerprint: Mapping[str, Any], dim: int,
@@ -174,7 +200,9 @@ class VideoLibrary:
                     "fingerprint": dict(fingerprint), "fingerprint_id": fingerprint_id(fingerprint),
                     "created": time.strftime("%Y-%m-%d %H:%M:%S"), "videos": [], "segments": [], "removed_videos": []}
         write_manifest(root, manifest)
-        return cls(root, manifest, encoder_factory)
+        library = cls(root, manifest, encoder_factory)
+        library._manifest_key = _file_key(os.stat(os.path.join(root, MANIFEST)))
+        return library
 
     @classmethod
     def open_or_create(cls, path: PathLike, fingerprint: Mapping[str, Any], dim: int, **kw) -> "VideoLibrary":
@@ -440,8 +468,13 @@ class VideoLibrary:
             rewritten += self._append(manifest, "segments", segment_rows, segment_features, generation)
             manifest["removed_videos"] = sorted(self.removed | set(existing.values()))
             manifest["updated"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            # the files this update replaces stay until the next one: readers of the previous
+            # manifest can finish (and see the update through latest())
+            replaced = {s.stem for k in KINDS for s in self.shards[k]}
+            manifest["retired"] = sorted(replaced - {s["stem"] for k in KINDS for s in manifest[k]})
             write_manifest(self.root, manifest)
             self._reload(manifest)
+            self._manifest_key = _file_key(os.stat(os.path.join(self.root, MANIFEST)))
             self._remove_unlisted()
         return {"videos": len(videos), "segments": len(segments), "replaced": len(existing), "rewritten_rows": rewritten}
 
@@ -501,8 +534,9 @@ class VideoLibrary:
         return rewritten
 
     def _remove_unlisted(self) -> None:
-        """Delete shard files the manifest does not list (old generations, interrupted updates)."""
-        live = {s.stem for k in KINDS for s in self.shards[k]}
+        """Delete shard files the manifest neither lists nor just retired (older generations,
+        interrupted updates)."""
+        live = {s.stem for k in KINDS for s in self.shards[k]} | set(self._manifest.get("retired", []))
         for fname in os.listdir(self.root):
             stem, _, ext = fname.lstrip(".").partition(".")
             if stem.startswith(KINDS) and ext.split(".")[0] in ("parquet", "npy", "faiss") and stem not in live:

@@ -17,7 +17,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from modules.cli_support import UsageError
-from modules.library import LibraryError, VideoLibrary, library_path
+from modules.library import LibraryError, VideoLibrary, fingerprint_id, library_path
 
 __all__ = ["segments_from_frames_npz", "video_metadata", "scan_extraction_folder", "index_extraction_folder",
            "recorded_model"]
@@ -89,7 +89,12 @@ def video_metadata(path: str) -> Dict[str, Any]:
 
 
 def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
-    """The model info extraction recorded in the folder, or None."""
+    """The model info extraction recorded in the folder, or None.
+
+    From the consolidated index or the summary when there is one, else from the model
+    record (``.<fingerprint>.model.json``) of the one model the per-video records name;
+    a folder whose videos name several models raises LibraryError.
+    """
     for fname in ("embeddings_index.json", "extraction_summary.json"):
         path = os.path.join(output_dir, fname)
         if os.path.isfile(path):
@@ -100,7 +105,24 @@ def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
                 continue
             if info:
                 return info
-    return None
+    from modules.writers import read_model_record
+
+    fingerprints = sorted({f for f in (video_fingerprint(output_dir, name)
+                                       for name, _ in scan_extraction_folder(output_dir)) if f})
+    if len(fingerprints) > 1:
+        raise LibraryError(f"{output_dir} holds embeddings of {len(fingerprints)} models "
+                           f"({', '.join(fingerprints)}): pass the --config_path / --checkpoint / "
+                           "--clip_weights of the one to index")
+    return read_model_record(output_dir, fingerprints[0]) if fingerprints else None
+
+
+def video_fingerprint(output_dir: str, name: str) -> Optional[str]:
+    """The model fingerprint a video's ``.meta.json`` record names, or None."""
+    from modules.writers import read_meta
+
+    meta = read_meta(output_dir, name)
+    value = meta.get("fingerprint") if meta else None
+    return value if isinstance(value, str) else None
 
 
 def scan_extraction_folder(output_dir: str) -> Iterator[Tuple[str, str]]:
@@ -157,15 +179,15 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
 
     ``fingerprint`` is the model that made them (default: the one the folder records).
     Names already in the library are skipped.
-    Returns {"library", "added", "skipped", "failed", "segments", "videos"}.
+    Videos whose ``.meta.json`` names another model are left out (counted in "other_model").
+    Returns {"library", "added", "skipped", "failed", "segments", "other_model", "videos"}.
     """
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
         raise UsageError(f"embeddings directory not found: {output_dir}")
     root = library_dir or library_path(output_dir)
-    recorded = recorded_model(output_dir)
     if fingerprint is None:
-        fingerprint = recorded
+        fingerprint = recorded_model(output_dir)
     if fingerprint is None:
         raise LibraryError(f"{output_dir} records no model (no embeddings_index.json / extraction_summary.json): "
                            "pass the extraction's --config_path / --checkpoint / --clip_weights")
@@ -175,7 +197,7 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
         library = VideoLibrary.open(root)
         library.check_fingerprint(fingerprint)
         known = library.names()
-    added = skipped = failed = segments = 0
+    added = skipped = failed = segments = other_model = 0
     batch: List[Tuple[Dict[str, Any], np.ndarray, Optional[dict]]] = []
 
     def flush() -> None:
@@ -201,6 +223,12 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
         if name in known:
             skipped += 1
             continue
+        made_by = video_fingerprint(output_dir, name)
+        if made_by is not None and made_by != fingerprint_id(fingerprint):
+            logger.warning("%s: not indexed (made by another model, fingerprint %s; this library's is %s)",
+                           embedding_file, made_by, fingerprint_id(fingerprint))
+            other_model += 1
+            continue
         try:
             video, embedding, payload = _read_video(output_dir, name, embedding_file)
         except (OSError, ValueError, KeyError, TypeError) as err:
@@ -219,4 +247,4 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
     if library is None:
         raise LibraryError(f"no embeddings to index in {output_dir} (expected *_embedding.npy / *_embedding.json)")
     return {"library": root, "added": added, "skipped": skipped, "failed": failed, "segments": segments,
-            "videos": len(library)}
+            "other_model": other_model, "videos": len(library)}

@@ -97,7 +97,7 @@ class LibraryWriter(Writer):
         self._buffer: List[tuple] = []
         self.added = 0
 
-    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+    def bind_model(self, fingerprint: str, parts: Dict[str, str], model_info: Optional[Dict[str, Any]] = None) -> None:
         """The running model's fingerprint (unified_model.model_fingerprint) is the library's identity."""
         self.fingerprint.update(fingerprint=fingerprint, fingerprint_parts=dict(parts))
 

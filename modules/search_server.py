@@ -109,7 +109,15 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
 
     app = FastAPI(title="video library search", docs_url=None, redoc_url=None, openapi_url=None)
     thumbs, vectors = _LRU(THUMB_CACHE), _LRU(QUERY_CACHE)
-    encode_lock = threading.Lock()
+    encode_lock, snapshot_lock = threading.Lock(), threading.Lock()
+    snapshot = [library]
+
+    def current():
+        """The library as on disk now (an extraction with --index may add videos while we
+        serve): one snapshot per request, so no request sees two states."""
+        with snapshot_lock:
+            snapshot[0] = snapshot[0].latest()
+            return snapshot[0]
 
     class Problem(Exception):
         def __init__(self, status: int, message: str):
@@ -133,7 +141,7 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
     def page():
         return FileResponse(PAGE, media_type="text/html")
 
-    def query_vector(text: str) -> np.ndarray:
+    def query_vector(library, text: str) -> np.ndarray:
         vector = vectors.get(text)
         if vector is None:
             with encode_lock:  # one model, one query at a time through it
@@ -151,7 +159,8 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
         if not 1 <= top_k <= max_top_k:
             raise Problem(400, f"top_k: must be between 1 and {max_top_k}")
         start = time.perf_counter()
-        hits = library.search_vector(query_vector(text), top_k, moments=moments)
+        library = current()
+        hits = library.search_vector(query_vector(library, text), top_k, moments=moments)
         results = []
         for hit in hits:
             item = {"rank": hit["rank"], "name": hit["name"], "score": hit["score"], "row": hit["row"],
@@ -166,6 +175,7 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
                 "search_time": round(time.perf_counter() - start, 4)}
 
     def video_row(row: int) -> Dict[str, Any]:
+        library = current()
         total = sum(s.rows for s in library.shards["videos"])
         if not 0 <= row < total or row in library.removed:
             raise Problem(404, f"no video {row} in the library")
@@ -193,6 +203,7 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
 
     @app.get("/thumb/moment/{segment_row}.jpg")
     def moment_thumb(segment_row: int):
+        library = current()
         if not 0 <= segment_row < library.num_segments:
             raise Problem(404, f"no moment {segment_row} in the library")
         seg = library.rows("segments", [segment_row])[0]

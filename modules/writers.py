@@ -2,8 +2,9 @@
 
 A writer is one object with a small interface (:class:`Writer`)::
 
-    bind_model(fingerprint, parts)
-                       the model's fingerprint, to record with every embedding
+    bind_model(fingerprint, parts, model_info)
+                       the model's fingerprint, to record with every embedding, and what
+                       builds it again (config, weights, checkpoint)
     prepare(entries, cleanup)
                        before any video is decoded: check the output folder is writable,
                        remove temp files a killed run left
@@ -58,7 +59,7 @@ from modules.video_sampler import SampledVideo
 
 __all__ = ["SAVE_FORMATS", "CONSOLIDATED_JSON", "CONSOLIDATED_NPY", "CONSOLIDATED_INDEX", "SUMMARY_JSON",
            "VideoResult", "RunReport", "Writer", "OutputFilesWriter", "output_files", "load_embedding",
-           "write_consolidated", "result_counts"]
+           "write_consolidated", "result_counts", "model_record_path", "read_model_record", "read_meta"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +74,9 @@ META_SUFFIX = ".meta.json"
 #: a long video's window table (modules.long_video.WINDOWS_SUFFIX: that module imports torch)
 WINDOWS_SUFFIX = "_windows.npz"
 #: endings of every file this writer makes (what stale-temp cleanup may remove temps of)
-OWN_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", WINDOWS_SUFFIX, META_SUFFIX, CONSOLIDATED_JSON,
+#: ``.<fingerprint>.model.json`` in the output folder: one per model that wrote there
+MODEL_SUFFIX = ".model.json"
+OWN_SUFFIXES = ("_embedding.npy", "_embedding.json", "_frames.npz", WINDOWS_SUFFIX, META_SUFFIX, MODEL_SUFFIX, CONSOLIDATED_JSON,
                 CONSOLIDATED_NPY, CONSOLIDATED_INDEX, SUMMARY_JSON)
 
 
@@ -138,9 +141,10 @@ class RunReport:
 class Writer:
     """Base of every writer (the defaults do nothing); see the module docstring."""
 
-    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+    def bind_model(self, fingerprint: str, parts: Dict[str, str], model_info: Optional[Dict[str, Any]] = None) -> None:
         """Before ``prepare``: the model's fingerprint (unified_model.model_fingerprint) and its
-        parts (weights, checkpoint, config), to store with every embedding written."""
+        parts (weights, checkpoint, config), to store with every embedding written;
+        ``model_info``: what builds the model again (the summary's "model" record)."""
 
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         """Before any decode. ``cleanup``: no other process writes here now (one shard)."""
@@ -154,6 +158,24 @@ class Writer:
 
     def close(self, report: Optional[RunReport]) -> None:
         """The whole-directory outputs (``report`` None: another process writes them)."""
+
+
+def model_record_path(output_dir: str, fingerprint: str) -> str:
+    """``<output_dir>/.<fingerprint>.model.json``: what built the embeddings of that fingerprint
+    (written with a run's first video), so a folder names its model without a summary or index."""
+    if not fingerprint or not all(c in "0123456789abcdef" for c in fingerprint):
+        raise ValueError(f"not a model fingerprint: {fingerprint!r}")
+    return os.path.join(output_dir, f".{fingerprint}{MODEL_SUFFIX}")
+
+
+def read_model_record(output_dir: str, fingerprint: str) -> Optional[Dict[str, Any]]:
+    """The model record of ``fingerprint`` in ``output_dir``, or None (missing, unreadable, other model)."""
+    try:
+        with open(model_record_path(output_dir, fingerprint), encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("fingerprint") == fingerprint else None
 
 
 def meta_path(output_dir: str, name: str) -> str:
@@ -273,6 +295,8 @@ class OutputFilesWriter(Writer):
         self.summary = summary
         self.overwrite = overwrite
         self.model_fingerprint: Optional[str] = None
+        self.model_info: Optional[Dict[str, Any]] = None
+        self._model_recorded = False
         self.untrusted: Dict[str, int] = {}  # reason -> videos whose old outputs were not reused
 
     def files(self, name: str) -> Dict[str, str]:
@@ -282,8 +306,9 @@ class OutputFilesWriter(Writer):
         """A long video's window table (only videos cut into windows have one)."""
         return os.path.join(self.output_dir, *name.split("/")) + WINDOWS_SUFFIX
 
-    def bind_model(self, fingerprint: str, parts: Dict[str, str]) -> None:
+    def bind_model(self, fingerprint: str, parts: Dict[str, str], model_info: Optional[Dict[str, Any]] = None) -> None:
         self.model_fingerprint = fingerprint
+        self.model_info = model_info
 
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         check_writable(self.output_dir)
@@ -343,6 +368,11 @@ class OutputFilesWriter(Writer):
         """Write one video's files (each atomically); embedding files, then the record."""
         files = self.files(result.name)
         record = meta_path(self.output_dir, result.name)
+        if self.model_info is not None and not self._model_recorded:
+            # before the first video's record names the fingerprint (a model that never
+            # built leaves none); the same bytes from every shard: no write race
+            save_json_atomic(model_record_path(self.output_dir, self.model_fingerprint), self.model_info, indent=None)
+            self._model_recorded = True
         self.discard(result.name)  # the record first: untrusted until the new one is in; no old file stays
         table = result.extra.get("windows")  # a long video's window table (modules.long_video)
         if table is not None:

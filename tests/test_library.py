@@ -118,8 +118,32 @@ def test_interrupted_update_leaves_previous_library(tmp_path, monkeypatch):
 
 
 def _unlisted_files(lib: VideoLibrary):
-    live = {s.stem for k in ("videos", "segments") for s in lib.shards[k]}
+    """Shard files the manifest neither lists nor keeps for readers of the previous one."""
+    with open(os.path.join(lib.root, "manifest.json"), encoding="utf-8") as fh:
+        retired = set(json.load(fh).get("retired", []))
+    live = {s.stem for k in ("videos", "segments") for s in lib.shards[k]} | retired
     return [f for f in os.listdir(lib.root) if f.endswith((".npy", ".parquet", ".faiss")) and f.split(".")[0] not in live]
+
+
+def test_a_reader_racing_updates_keeps_its_snapshot_and_follows_with_latest(tmp_path):
+    """A search process opened before another process's update still searches (the files its
+    manifest lists stay for one update), and latest() sees the new rows; stale files go."""
+    writer = VideoLibrary.create(tmp_path / "lib", FP, DIM)
+    emb = unit(12, 30)
+    writer.add(videos(0, 6), emb[:6], segments_for(6), unit(18, 31), fingerprint=FP)
+    reader = VideoLibrary.open(writer.root)  # nothing read yet: index and Parquet load lazily
+    assert reader.latest() is reader
+    writer.add(videos(6, 6), emb[6:], fingerprint=FP)  # the open tail shard is rewritten
+    hit = reader.search(emb[2], top_k=1)[0]
+    assert (hit["name"], len(reader)) == ("v00002", 6)
+    assert reader.search(unit(18, 31)[4], top_k=1, moments=True)[0]["name"] == "v00001"
+    fresh = reader.latest()
+    assert fresh is not reader and len(fresh) == 12
+    assert fresh.search(emb[9], top_k=1)[0]["name"] == "v00009"
+    first_stems = {s.stem for s in reader.shards["videos"]}
+    writer.add(videos(12, 1), unit(1, 32), fingerprint=FP)  # a second update retires the first reader's files
+    assert not first_stems & {f.split(".")[0] for f in os.listdir(writer.root)}
+    assert len(fresh.latest()) == 13 and not _unlisted_files(fresh.latest())
 
 
 def test_replacing_a_video_hides_its_old_row_and_segments(tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -204,3 +205,71 @@ def test_long_video_windows_become_moments_with_window_fields(tmp_path):
     hit = library.search(library.embeddings("segments")[target["row"]], top_k=1, moments=True)[0]
     assert (hit["window_index"], hit["frame"]) == (target["window_index"], target["frame"])
     assert list(library)[0]["duration"] == pytest.approx(6.0)
+
+
+def test_index_without_model_flags_uses_the_model_the_videos_record(tmp_path):
+    """A folder extracted without --consolidated/--summary/--index still names its model (the
+    per-video records + the folder's model record); videos of a second model are refused."""
+    from modules.library import VideoLibrary
+    from tests.video_factory import write_video
+
+    config = write_small_config(tmp_path)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(config.read_text()), "max_words": 16}))
+    first_dir, second_dir, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder, names in ((first_dir, ("one", "two")), (second_dir, ("three",))):
+        folder.mkdir()
+        for name in names:
+            write_video(folder / f"{name}.mp4", 20, fps=10, size=(64, 48))
+    base = ["--output_dir", out, "-q", "--num_workers", "0", "--save_frame_features"]
+    done = run_script("extract_video_embeddings.py", ["--video_dir", first_dir, "--config_path", config, *base], timeout=300)
+    assert done.returncode == 0, describe(done)
+    assert not (out / "extraction_summary.json").exists() and not (out / "embeddings_index.json").exists()
+
+    indexed = run_script("inference.py", ["--embeddings_dir", out, "--index"], timeout=300)
+    assert indexed.returncode == 0, describe(indexed)
+    library = VideoLibrary.open(out)
+    assert sorted(r["name"] for r in library) == ["one", "two"] and library.num_segments == 8
+    searched = run_script("inference.py", ["--embeddings_dir", out, "--query", "a dog", "--moments"], timeout=300)
+    assert searched.returncode == 0 and "frame" in searched.stdout, describe(searched)
+
+    # a second model writes into the same folder: without flags the folder is ambiguous
+    done = run_script("extract_video_embeddings.py", ["--video_dir", second_dir, "--config_path", other, *base], timeout=300)
+    assert done.returncode == 0, describe(done)
+    shutil.rmtree(out / "library")
+    refused = run_script("inference.py", ["--embeddings_dir", out, "--index"], timeout=300)
+    assert refused.returncode == 2 and "2 models" in refused.stderr and "--config_path" in refused.stderr, describe(refused)
+    assert len(refused.stderr.strip().splitlines()) == 1
+    # with the first model's flags only its videos are indexed; the other's are named, not mixed in
+    chosen = run_script("inference.py", ["--embeddings_dir", out, "--index", "--config_path", config], timeout=300)
+    assert chosen.returncode == 0, describe(chosen)
+    assert "three" in chosen.stderr and "another model" in chosen.stderr
+    assert sorted(r["name"] for r in VideoLibrary.open(out)) == ["one", "two"]
+
+
+def test_the_server_follows_an_update_made_while_it_serves(tmp_path):
+    """An extraction with --index adding videos while the page is served: the next request
+    sees them (no restart), and no request fails on the files the update replaced."""
+    from fastapi.testclient import TestClient
+
+    from modules.library import VideoLibrary
+    from modules.search_server import create_app
+
+    emb = np.random.default_rng(5).standard_normal((8, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    fp = {"clip_weights": "random", "checkpoint": None, "config": {"max_frames": 4}}
+
+    class Encoder:  # every text means the last video's vector
+        def encode_text(self, texts):
+            return np.repeat(emb[7:8], len(texts), axis=0)
+
+    root = tmp_path / "lib"
+    rows = [{"name": f"v{i}", "video_path": f"/videos/v{i}.mp4"} for i in range(8)]
+    VideoLibrary.create(root, fp, 16).add(rows[:4], emb[:4], fingerprint=fp)
+    client = TestClient(create_app(VideoLibrary.open(root, encoder_factory=lambda _fp: Encoder())))
+    before = client.get("/api/search", params={"q": "anything", "top_k": 1}).json()
+    assert before["num_videos"] == 4 and before["results"][0]["name"] != "v7"
+    VideoLibrary.open(root).add(rows[4:], emb[4:], fingerprint=fp)  # another process's update
+    after = client.get("/api/search", params={"q": "anything", "top_k": 1})
+    assert after.status_code == 200, after.text
+    assert after.json()["num_videos"] == 8 and after.json()["results"][0]["name"] == "v7"

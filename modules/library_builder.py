@@ -165,6 +165,11 @@ def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[s
             payload = frames_payload_from_table(WindowTable.from_arrays({k: npz[k] for k in npz.files}))
     if payload is not None:
         video_path = video_path or str(payload["video_path"])
+    if video_path is None:  # a .npy-only run: the video's .meta.json record names its source
+        from modules.writers import read_meta
+
+        meta = read_meta(output_dir, name) or {}
+        video_path = meta.get("video_path") if isinstance(meta.get("video_path"), str) else None
     if video_path is None:
         raise ValueError("no video path recorded (write .json or frames files with the embedding)")
     embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)

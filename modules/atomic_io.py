@@ -25,7 +25,7 @@ import re
 import secrets
 from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["TEMP_SUFFIX", "temp_path", "atomic_write", "atomic_write_all", "save_npy_atomic", "save_npz_atomic", "save_json_atomic",
+__all__ = ["TEMP_SUFFIX", "temp_path", "atomic_write", "atomic_write_all", "save_npy_atomic", "save_npz_atomic", "save_json_atomic", "write_json",
            "save_text_atomic", "is_temp_name", "cleanup_stale_temp_files", "pid_alive"]
 
 TEMP_SUFFIX = ".tmp"
@@ -129,13 +129,15 @@ def save_npz_atomic(path: Union[str, os.PathLike], **arrays: Any) -> None:
     atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
+def write_json(fh, obj: Any, indent: Optional[int] = 2) -> None:
+    """``obj`` as this project writes JSON files (UTF-8 text, non-ASCII kept, a final newline)."""
+    json.dump(obj, fh, indent=indent, ensure_ascii=False)
+    fh.write("\n")
+
+
 def save_json_atomic(path: Union[str, os.PathLike], obj: Any, indent: Optional[int] = 2) -> None:
     """JSON (UTF-8, non-ASCII kept) atomically."""
-    def write(fh) -> None:
-        json.dump(obj, fh, indent=indent, ensure_ascii=False)
-        fh.write("\n")
-
-    atomic_write(path, write, mode="w")
+    atomic_write(path, lambda fh: write_json(fh, obj, indent), mode="w")
 
 
 def pid_alive(pid: int) -> bool:

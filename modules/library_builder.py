@@ -105,9 +105,9 @@ def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
                 continue
             if info:
                 return info
-    from modules.writers import read_model_record
+    from modules.writers import read_meta, read_model_record
 
-    fingerprints = sorted({f for f in (video_fingerprint(output_dir, name)
+    fingerprints = sorted({f for f in (meta_fingerprint(read_meta(output_dir, name))
                                        for name, _ in scan_extraction_folder(output_dir)) if f})
     if len(fingerprints) > 1:
         raise LibraryError(f"{output_dir} holds embeddings of {len(fingerprints)} models "
@@ -116,11 +116,8 @@ def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
     return read_model_record(output_dir, fingerprints[0]) if fingerprints else None
 
 
-def video_fingerprint(output_dir: str, name: str) -> Optional[str]:
+def meta_fingerprint(meta: Optional[Mapping[str, Any]]) -> Optional[str]:
     """The model fingerprint a video's ``.meta.json`` record names, or None."""
-    from modules.writers import read_meta
-
-    meta = read_meta(output_dir, name)
     value = meta.get("fingerprint") if meta else None
     return value if isinstance(value, str) else None
 
@@ -140,7 +137,9 @@ def scan_extraction_folder(output_dir: str) -> Iterator[Tuple[str, str]]:
     yield from sorted(found.items())
 
 
-def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[str, Any], np.ndarray, Optional[dict]]:
+def _read_video(output_dir: str, name: str, embedding_file: str,
+                meta: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], np.ndarray, Optional[dict]]:
+    """The video's row, embedding and frames payload; ``meta``: its ``.meta.json`` record."""
     video_path = None
     if embedding_file.endswith(".npy"):
         embedding = np.load(embedding_file, allow_pickle=False)
@@ -165,11 +164,8 @@ def _read_video(output_dir: str, name: str, embedding_file: str) -> Tuple[Dict[s
             payload = frames_payload_from_table(WindowTable.from_arrays({k: npz[k] for k in npz.files}))
     if payload is not None:
         video_path = video_path or str(payload["video_path"])
-    if video_path is None:  # a .npy-only run: the video's .meta.json record names its source
-        from modules.writers import read_meta
-
-        meta = read_meta(output_dir, name) or {}
-        video_path = meta.get("video_path") if isinstance(meta.get("video_path"), str) else None
+    if video_path is None and meta and isinstance(meta.get("video_path"), str):
+        video_path = meta["video_path"]  # a .npy-only run: the record names the source
     if video_path is None:
         raise ValueError("no video path recorded (write .json or frames files with the embedding)")
     embedding = np.asarray(embedding, dtype=np.float32).reshape(-1)
@@ -187,6 +183,8 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
     Videos whose ``.meta.json`` names another model are left out (counted in "other_model").
     Returns {"library", "added", "skipped", "failed", "segments", "other_model", "videos"}.
     """
+    from modules.writers import read_meta
+
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
         raise UsageError(f"embeddings directory not found: {output_dir}")
@@ -228,14 +226,15 @@ def index_extraction_folder(output_dir: str, fingerprint: Optional[Mapping[str, 
         if name in known:
             skipped += 1
             continue
-        made_by = video_fingerprint(output_dir, name)
+        meta = read_meta(output_dir, name)
+        made_by = meta_fingerprint(meta)
         if made_by is not None and made_by != fingerprint_id(fingerprint):
             logger.warning("%s: not indexed (made by another model, fingerprint %s; this library's is %s)",
                            embedding_file, made_by, fingerprint_id(fingerprint))
             other_model += 1
             continue
         try:
-            video, embedding, payload = _read_video(output_dir, name, embedding_file)
+            video, embedding, payload = _read_video(output_dir, name, embedding_file, meta)
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("%s: not indexed (%s)", embedding_file, err)
             failed += 1

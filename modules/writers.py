@@ -53,7 +53,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from modules.atomic_io import atomic_write_all, cleanup_stale_temp_files, save_json_atomic, save_npy_atomic, \
-    save_npz_atomic, save_text_atomic, temp_path
+    save_npz_atomic, save_text_atomic, temp_path, write_json
 from modules.video_listing import VideoEntry
 from modules.video_sampler import SampledVideo
 
@@ -477,7 +477,7 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
             digest.update(data)
             fh.write(data)
 
-    def write_json(fh) -> None:
+    def write_consolidated_json(fh) -> None:
         fh.write('{\n  "embeddings": {')
         for row, (entry, emb) in enumerate(rows()):
             item = {"embedding": [float(x) for x in emb], "shape": list(emb.shape), "video_path": entry.path}
@@ -487,7 +487,7 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
         fh.write('  "metadata": ' + json.dumps(metadata, indent=2, ensure_ascii=False).replace("\n", "\n  ") + "\n}\n")
 
     def write_index(fh) -> None:  # after write_matrix: the digest is complete
-        json.dump({
+        write_json(fh, {
             "matrix": CONSOLIDATED_NPY,
             "shape": [len(present), dim],
             "dtype": "float32",
@@ -495,12 +495,11 @@ def write_consolidated(output_dir: str, entries: Sequence[VideoEntry], model_inf
             "names": [e.name for e in present],
             "video_paths": [e.path for e in present],
             "model": model_info or {},
-        }, fh, indent=2, ensure_ascii=False)
-        fh.write("\n")
+        })
 
     # all three complete before any is replaced (a full disk keeps the old, paired files),
     # the index last (a kill between the renames leaves an index that does not match)
     atomic_write_all([(os.path.join(output_dir, CONSOLIDATED_NPY), write_matrix, "wb"),
-                      (os.path.join(output_dir, CONSOLIDATED_JSON), write_json, "w"),
+                      (os.path.join(output_dir, CONSOLIDATED_JSON), write_consolidated_json, "w"),
                       (os.path.join(output_dir, CONSOLIDATED_INDEX), write_index, "w")])
     return metadata

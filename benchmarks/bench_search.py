@@ -72,16 +72,17 @@ def folder_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-#: model flags of the libraries' model; set by main: ``--clip_weights random``, or
-#: ``--config_path CFG`` naming random ViT-B/32 weights saved as a file (--weights file)
-MODEL_FLAGS: List[str] = ["--clip_weights", "random"]
+#: model flags of the libraries' model with --weights random; --weights file uses
+#: ``--config_path CFG`` naming random ViT-B/32 weights saved as a file (write_weights_file)
+RANDOM_FLAGS: List[str] = ["--clip_weights", "random"]
 
 
-def fingerprint() -> Dict:
+def fingerprint(flags: List[str]) -> Dict:
+    """The library fingerprint of the model these CLI model flags build."""
     from modules.library_cli import cli_fingerprint
 
-    if MODEL_FLAGS[0] == "--config_path":
-        return cli_fingerprint(MODEL_FLAGS[1], None, None)
+    if flags[0] == "--config_path":
+        return cli_fingerprint(flags[1], None, None)
     return cli_fingerprint(None, None, "random")
 
 
@@ -109,7 +110,8 @@ def import_torch_floor(runs: int) -> float:
     return statistics.median(times)
 
 
-def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int, reuse: bool = False):
+def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int, flags: List[str],
+          reuse: bool = False):
     from modules.library import VideoLibrary
 
     if reuse and (root / "library" / "manifest.json").is_file():  # a library an earlier run built here
@@ -125,20 +127,20 @@ def build(root: Path, videos: int, segments: int, centres: np.ndarray, seed: int
         seg = clustered(segments, seed + 1, centres)
         seg_rows = [{"video": i // SEGMENTS_PER_VIDEO, "group_index": i % SEGMENTS_PER_VIDEO, "start_time": 5.0 * (i % 12),
                      "end_time": 5.0 * (i % 12) + 5, "frame": 125 * (i % 12) + 60} for i in range(segments)]
-    library = VideoLibrary.create(root / "library", fingerprint(), DIM)
+    library = VideoLibrary.create(root / "library", fingerprint(flags), DIM)
     start = time.perf_counter()
-    library.add(rows, emb, seg_rows, seg, fingerprint=fingerprint())
+    library.add(rows, emb, seg_rows, seg, fingerprint=fingerprint(flags))
     return library, time.perf_counter() - start, emb, seg
 
 
-def write_baseline(folder: Path, emb: np.ndarray) -> None:
+def write_baseline(folder: Path, emb: np.ndarray, flags: List[str]) -> None:
     """The files ``extract_video_embeddings.py --consolidated`` writes today."""
     folder.mkdir(parents=True, exist_ok=True)
     np.save(folder / "embeddings.npy", emb)
     names = [f"video_{i:07d}" for i in range(len(emb))]
     (folder / "embeddings_index.json").write_text(json.dumps({
         "matrix": "embeddings.npy", "shape": list(emb.shape), "dtype": "float32", "names": names,
-        "video_paths": [f"/data/videos/{n}.mp4" for n in names], "model": fingerprint()}))
+        "video_paths": [f"/data/videos/{n}.mp4" for n in names], "model": fingerprint(flags)}))
 
 
 def search_rss(root: Path, kind: str) -> int:
@@ -155,12 +157,12 @@ def search_rss(root: Path, kind: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def cold_cli(folder: Path, runs: int, extra: List[str]) -> float:
+def cold_cli(folder: Path, runs: int, extra: List[str], flags: List[str]) -> float:
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder), "--query",
-                               QUERY, *MODEL_FLAGS, "--top_k", "10", "-q", *extra],
+                               QUERY, *flags, "--top_k", "10", "-q", *extra],
                               capture_output=True, text=True)
         times.append(time.perf_counter() - start)
         if proc.returncode != 0:
@@ -203,12 +205,12 @@ def numpy_brute_force(matrix: np.ndarray, queries: np.ndarray) -> float:
     return statistics.median(times)
 
 
-def load_test(folder: Path, clients: int, seconds: float, max_requests: int) -> Dict[str, float]:
+def load_test(folder: Path, clients: int, seconds: float, max_requests: int, flags: List[str]) -> Dict[str, float]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder), "--serve",
-                               "--port", str(port), *MODEL_FLAGS, "-q"],
+                               "--port", str(port), *flags, "-q"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
@@ -313,19 +315,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     centres = np.random.default_rng(2).standard_normal((CENTRES, DIM)).astype(np.float32)
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    if args.weights == "file":
-        MODEL_FLAGS[:] = write_weights_file(work)
+    flags = write_weights_file(work) if args.weights == "file" else RANDOM_FLAGS
     if args.only_cli:
-        return only_cli(work, args)
-    if MODEL_FLAGS[0] == "--config_path":
-        model = create_unified_model(config_path=MODEL_FLAGS[1], device="cpu", merge_lora=True)
+        return only_cli(work, args, flags)
+    if flags[0] == "--config_path":
+        model = create_unified_model(config_path=flags[1], device="cpu", merge_lora=True)
     else:
         model = create_unified_model(clip_weights="random", device="cpu", merge_lora=True)
     encoder = ModelQueryEncoder(model)
     texts = [f"{QUERY} {i}" for i in range(20)]
     queries = clustered(args.queries, 99, centres)
     print(f"# bench_search: {os.cpu_count()} CPUs, dim {DIM}, {CENTRES} clusters, work dir {work}, "
-          f"model flags {' '.join(MODEL_FLAGS)}, load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"model flags {' '.join(flags)}, load average {os.getloadavg()[0]:.2f}", flush=True)
     sizes = [("videos", int(n)) for n in args.videos.split(",") if n] + \
             [("segments", int(n)) for n in args.segments.split(",") if n]
     rows = []
@@ -336,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
         videos = n if kind == "videos" else max(1, n // SEGMENTS_PER_VIDEO)
         library, build_s, emb, seg = build(root, videos, n if kind == "segments" else 0, centres, seed=n,
-                                           reuse=args.reuse)
+                                           flags=flags, reuse=args.reuse)
         matrix = emb if kind == "videos" else seg
         info = library.shards[kind][0].index
         result = {"kind": kind, "rows": n, "build_s": build_s, "disk": folder_bytes(root / "library"),
@@ -348,7 +349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         result["numpy_p50"] = numpy_brute_force(matrix, queries)
         if kind == "videos":
             base = work / f"baseline_{n}"
-            write_baseline(base, emb)
+            write_baseline(base, emb, flags)
             from modules.retrieval import search_embeddings
 
             times = []
@@ -358,11 +359,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 times.append(time.perf_counter() - t0)
             result["today_warm"] = statistics.median(times)
             if args.cli_runs:
-                result["cli"] = cold_cli(root, args.cli_runs, [])
-                result["today_cli"] = cold_cli(base, args.cli_runs, [])
+                result["cli"] = cold_cli(root, args.cli_runs, [], flags)
+                result["today_cli"] = cold_cli(base, args.cli_runs, [], flags)
             largest_videos = (root, library, n)
         elif args.cli_runs:
-            result["cli"] = cold_cli(root, args.cli_runs, ["--moments"])
+            result["cli"] = cold_cli(root, args.cli_runs, ["--moments"], flags)
         del emb, seg, matrix
         rows.append(result)
         print(json.dumps(result), flush=True)
@@ -374,9 +375,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             more = clustered(1000, 7000 + k, centres)
             rows_1k = [{"name": f"added_{k}_{i:04d}", "video_path": f"/data/new/{k}_{i}.mp4"} for i in range(1000)]
             t0 = time.perf_counter()
-            library.add(rows_1k, more, fingerprint=fingerprint())
+            library.add(rows_1k, more, fingerprint=fingerprint(flags))
             adds.append(time.perf_counter() - t0)
-    load = load_test(largest_videos[0], args.clients, args.load_seconds, 100000) if largest_videos and args.load_seconds else None
+    load = load_test(largest_videos[0], args.clients, args.load_seconds, 100000, flags) if largest_videos and args.load_seconds else None
 
     mib = 1024 * 1024
     print("\n| library | rows | index | build s | disk MiB | index MiB | search RSS MiB (x index) | warm p50 / p99 ms (vector) "
@@ -409,9 +410,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def only_cli(work: Path, args: argparse.Namespace) -> int:
+def only_cli(work: Path, args: argparse.Namespace, flags: List[str]) -> int:
     """Cold CLI timings of libraries an earlier run built in ``work`` (quick, for a quiet machine)."""
-    print(f"# cold CLI only: model flags {' '.join(MODEL_FLAGS)}, load average {os.getloadavg()[0]:.2f}")
+    print(f"# cold CLI only: model flags {' '.join(flags)}, load average {os.getloadavg()[0]:.2f}")
     print(f"fresh `python -c 'import torch'`: median {import_torch_floor(args.cli_runs):.2f} s")
     print("\n| library | rows | cold CLI s (median) | runs |\n|---|---|---|---|")
     for kind, n in [("videos", int(v)) for v in args.videos.split(",") if v] + \
@@ -419,7 +420,7 @@ def only_cli(work: Path, args: argparse.Namespace) -> int:
         root = work / f"{kind}_{n}"
         if not (root / "library" / "manifest.json").is_file():
             continue
-        times = [cold_cli(root, 1, ["--moments"] if kind == "segments" else []) for _ in range(args.cli_runs)]
+        times = [cold_cli(root, 1, ["--moments"] if kind == "segments" else [], flags) for _ in range(args.cli_runs)]
         print(f"| {kind} | {n:,} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0

@@ -14,7 +14,7 @@ from modules.atomic_io import atomic_write, cleanup_stale_temp_files, save_npy_a
 from modules.cli_support import UsageError
 from modules.decode_pool import DecodePool, decode_video
 from modules.extraction import extract_directory_embeddings
-from modules.forward_lanes import ForwardLanes
+from modules.forward_lanes import ForwardLanes, torch_threads
 from modules.video_listing import check_video_file, list_videos, shard_entries, unique_names
 from modules.video_sampler import normalize_uint8, sample_video
 from tests.cli_utils import small_model
@@ -191,9 +191,15 @@ def test_pipeline_matches_the_single_video_api(model, video_dir, tmp_path):
                                           consolidated=True, model=model, num_workers=1, batch_size=2, progress=False)
     assert (result["processed"], result["failed"], result["skipped"], result["total"]) == (3, 0, 0, 3)
     assert result["errors"] == []
-    for name, ext in (("a", "mp4"), ("b", "webm"), ("c", "mkv")):
-        emb = np.load(out / f"{name}_embedding.npy")
-        assert np.abs(emb - model.extract_video_embedding(video_dir / f"{name}.{ext}")).max() < 1e-5
+    # The random-weight model's tokens are near-duplicates (merge scores ~0.999 apart by
+    # ~1e-7), so a forward with other thread counts or batch shapes may flip a near-tied
+    # merge and move the embedding by ~5e-5 (seen on another CPU). The references run on
+    # the lanes' one thread: c, alone in its batch, has the same arithmetic and must agree
+    # exactly; a and b shared a batch (other matrix shapes). Different videos differ by > 5e-3.
+    with torch_threads(1):
+        for name, ext, tolerance in (("a", "mp4", 2e-4), ("b", "webm", 2e-4), ("c", "mkv", 1e-6)):
+            emb = np.load(out / f"{name}_embedding.npy")
+            assert np.abs(emb - model.extract_video_embedding(video_dir / f"{name}.{ext}")).max() < tolerance
     frames = np.load(out / "a_frames.npz")
     hits = model.retrieve(video_dir / "a.mp4", "a pattern")
     assert {h.frame for h in hits} <= set(frames["frame_indices"].tolist())
@@ -212,8 +218,9 @@ def test_pipeline_matches_the_single_video_api(model, video_dir, tmp_path):
 def test_parallel_batches_give_the_same_outputs_and_restore_threads(model, video_dir, tmp_path):
     """Forwards side by side on CPU (one torch thread each) compute what one forward does."""
     threads = torch.get_num_threads()
-    serial = extract_directory_embeddings(video_dir, tmp_path / "serial", model=model, num_workers=0,
-                                          batch_size=1, parallel_batches=1, progress=False)
+    with torch_threads(1):  # the lanes' arithmetic: near-tied merges of random weights cannot flip
+        serial = extract_directory_embeddings(video_dir, tmp_path / "serial", model=model, num_workers=0,
+                                              batch_size=1, parallel_batches=1, progress=False)
     lanes = extract_directory_embeddings(video_dir, tmp_path / "lanes", model=model, num_workers=1,
                                          parallel_batches=3, summary=True, progress=False)
     assert serial["processed"] == lanes["processed"] == 3
@@ -223,7 +230,7 @@ def test_parallel_batches_give_the_same_outputs_and_restore_threads(model, video
     for name in ("a", "b", "c"):
         a = np.load(tmp_path / "serial" / f"{name}_embedding.npy")
         b = np.load(tmp_path / "lanes" / f"{name}_embedding.npy")
-        assert np.abs(a - b).max() < 1e-5
+        assert np.abs(a - b).max() < 1e-6
 
 
 def test_forward_lanes_keep_at_most_lanes_batches_and_return_everything():

@@ -214,13 +214,14 @@ def run_search(args: argparse.Namespace) -> int:
     import logging
 
     from modules import library_cli
-    from modules.retrieval import format_search_block, search_embeddings
 
-    if library_cli.has_library(args.embeddings_dir):
+    if library_cli.has_library(args.embeddings_dir):  # text queries need no torch (modules.text_tower)
         searches = library_cli.run_library_search(args)
         for search in searches:
             print(library_cli.format_library_block(search))
     else:
+        from modules.retrieval import format_search_block, search_embeddings
+
         library_cli.check_without_library(args)
         logging.getLogger("inference").warning(library_cli.no_library_hint(args.embeddings_dir))
         model = _model(args)

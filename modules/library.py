@@ -149,7 +149,7 @@ class VideoLibrary:
         """Open a library folder (or an extraction output folder containing ``library/``).
 
         ``encoder_factory(fingerprint) -> encoder`` builds the text/image query encoder on
-        the first text or image query (default: :func:`modules.library_query.encoder_for`).
+        the first text or image query (default: :func:`modules.library_query.encoder_for` on this folder).
         """
         root = os.fspath(path)
         if not os.path.isfile(os.path.join(root, MANIFEST)) and os.path.isfile(os.path.join(root, LIBRARY_DIR, MANIFEST)):
@@ -362,12 +362,12 @@ class VideoLibrary:
     def encoder(self):
         """The text/image query encoder, built on first use and kept."""
         if self._encoder is None:
-            factory = self._encoder_factory
-            if factory is None:
+            if self._encoder_factory is not None:
+                self._encoder = self._encoder_factory(self.fingerprint)
+            else:
                 from modules.library_query import encoder_for
 
-                factory = encoder_for
-            self._encoder = factory(self.fingerprint)
+                self._encoder = encoder_for(self.fingerprint, folder=self.root)
         return self._encoder
 
     def query_vector(self, query: Any, image: Optional[PathLike] = None) -> np.ndarray:

@@ -55,7 +55,7 @@ def query_encoder(library, args: argparse.Namespace):
     if _model_flags_given(args):
         fingerprint = cli_fingerprint(args.config_path, args.checkpoint, args.clip_weights)
         library.check_fingerprint(fingerprint)
-    return encoder_for(fingerprint, device=getattr(args, "device", "auto"))
+    return encoder_for(fingerprint, device=getattr(args, "device", "auto"), folder=library.root)
 
 
 def format_moment_line(hit: Dict[str, Any]) -> str:

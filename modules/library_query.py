@@ -2,20 +2,29 @@
 
 :class:`ModelQueryEncoder` wraps a built model: texts through its text tower (with LoRA),
 pictures through CLIP's image tower (short side resized, centre crop, CLIP normalisation,
-as frames are prepared for extraction). :func:`encoder_for` builds the model a library's
-fingerprint names (config, CLIP weights, checkpoint), once: the library keeps the encoder.
+as frames are prepared for extraction). :func:`model_for` builds the model a library's
+fingerprint names (config, CLIP weights, checkpoint) and checks that it is that model.
+
+:class:`LibraryQueryEncoder` is what a library uses: texts through the text tower file the
+library keeps (:mod:`modules.text_tower`, NumPy: a cold text search imports no torch),
+pictures through the model, built on first need. Without a tower file yet, the first
+process that builds the model writes it. Either way the library keeps the encoder.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from typing import Any, Dict, Mapping, Sequence, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from modules.cli_support import UsageError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_BYTES", "ModelQueryEncoder", "encoder_for", "is_image_path", "read_image_rgb"]
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_BYTES", "LibraryQueryEncoder", "ModelQueryEncoder", "encoder_for", "model_for",
+           "is_image_path", "read_image_rgb"]
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 #: pictures larger than this are refused (a query image is a picture, not a video)
@@ -82,9 +91,14 @@ class ModelQueryEncoder:
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
-def encoder_for(fingerprint: Mapping[str, Any], device: str = "auto") -> ModelQueryEncoder:
-    """Build the model a library fingerprint describes (its config, CLIP weights, checkpoint)."""
+def model_for(fingerprint: Mapping[str, Any], device: str = "auto"):
+    """Build the model a library fingerprint describes (its config, CLIP weights, checkpoint).
+
+    Raises UsageError when the result is not the library's model (a file it names changed
+    since the library was made): its queries would land in another space.
+    """
     from config import from_dict
+    from modules.retrieval import check_same_model
     from unified_model import create_unified_model
 
     config_dict: Dict[str, Any] = dict(fingerprint.get("config") or {})
@@ -92,4 +106,65 @@ def encoder_for(fingerprint: Mapping[str, Any], device: str = "auto") -> ModelQu
         raise UsageError("the library records no model config; pass --config_path / --checkpoint / --clip_weights")
     model = create_unified_model(config=from_dict(config_dict), checkpoint=fingerprint.get("checkpoint"),
                                  clip_weights=fingerprint.get("clip_weights"), device=device, merge_lora=True)
-    return ModelQueryEncoder(model)
+    check_same_model(fingerprint, model, "the library")  # a file it names may have changed since
+    return model
+
+
+class LibraryQueryEncoder:
+    """Texts through the library's text tower file, pictures through the model (built once).
+
+    ``folder`` is the library folder; the tower file is ``text_tower_path(folder, id)``.
+    A missing or unreadable tower makes the first text query build the model, whose tower
+    is then written (atomically; a read-only library just logs why not) and used, so every
+    process encodes a text the same way.
+    """
+
+    def __init__(self, fingerprint: Mapping[str, Any], folder: str, device: str = "auto") -> None:
+        from modules.library import fingerprint_id
+
+        self.fingerprint = dict(fingerprint)
+        self.fingerprint_id = fingerprint_id(fingerprint)
+        self.folder = folder
+        self.device = device
+        self._tower = None
+        self._model_encoder: Optional[ModelQueryEncoder] = None
+
+    def model_encoder(self) -> ModelQueryEncoder:
+        if self._model_encoder is None:
+            self._model_encoder = ModelQueryEncoder(model_for(self.fingerprint, self.device))
+        return self._model_encoder
+
+    def text_tower(self):
+        """The library's text tower: read from its file, else taken from the model and written."""
+        if self._tower is None:
+            from modules.text_tower import TextTowerError, load_text_tower, save_text_tower, text_tower_of, text_tower_path
+
+            path = text_tower_path(self.folder, self.fingerprint_id)
+            if os.path.lexists(path):
+                try:
+                    self._tower = load_text_tower(path, self.fingerprint_id)
+                except TextTowerError as err:
+                    logger.warning("%s; rebuilding it from the model", err)
+            if self._tower is None:
+                self._tower = text_tower_of(self.model_encoder().model, self.fingerprint_id)
+                try:
+                    save_text_tower(self._tower, path)
+                except OSError as err:
+                    logger.info("cannot keep the text tower in %s (%s): each process builds the model", path, err)
+        return self._tower
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(T,) texts -> (T, D) float32 unit vectors."""
+        return self.text_tower().encode_text(texts)
+
+    def encode_image(self, path: Union[str, os.PathLike]) -> np.ndarray:
+        """A picture -> (D,) float32 unit vector (the model's image tower)."""
+        return self.model_encoder().encode_image(path)
+
+
+def encoder_for(fingerprint: Mapping[str, Any], device: str = "auto", folder: Optional[str] = None):
+    """The query encoder of a library: :class:`LibraryQueryEncoder` on ``folder``, or without
+    a folder a :class:`ModelQueryEncoder` of the model the fingerprint names."""
+    if folder is not None:
+        return LibraryQueryEncoder(fingerprint, folder, device=device)
+    return ModelQueryEncoder(model_for(fingerprint, device))

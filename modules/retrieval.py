@@ -31,6 +31,7 @@ from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY, read_embedding
 
 __all__ = [
     "batch_retrieve_events",
+    "check_same_model",
     "load_batch_file",
     "load_embedding_index",
     "search_embeddings",
@@ -319,7 +320,7 @@ def search_embeddings(model, embeddings_dir: Union[str, os.PathLike], query: str
     if matrix.shape[1] != text.shape[0]:
         raise UsageError(f"{embeddings_dir}: embeddings have {matrix.shape[1]} dimensions, "
                          f"the model's text embeddings {text.shape[0]}: extracted with another model")
-    _check_same_model(info, model, embeddings_dir)
+    check_same_model(info, model, embeddings_dir)
     norms = np.linalg.norm(matrix, axis=1)
     scores = (matrix @ text) / np.maximum(norms, 1e-12)
     finite = np.isfinite(scores)
@@ -345,7 +346,7 @@ _PART_FLAGS = {"weights": "--clip_weights", "checkpoint": "--checkpoint", "confi
 _RECORDED = {"weights": "clip_weights", "checkpoint": "checkpoint", "config": "config_path"}
 
 
-def _check_same_model(info: Dict[str, Any], model, embeddings_dir) -> None:
+def check_same_model(info: Dict[str, Any], model, embeddings_dir) -> None:
     """Embeddings and text must come from the same model (fingerprint): refuse otherwise,
     naming what differs and what to pass."""
     recorded = info.get("fingerprint")

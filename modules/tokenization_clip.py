@@ -11,13 +11,16 @@ import gzip
 import html
 import os
 from functools import lru_cache
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import ftfy
+import numpy as np
 import regex
-import torch
 
-__all__ = ["SimpleTokenizer", "tokenize", "tokenize_for_model", "default_bpe_path", "get_tokenizer"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SimpleTokenizer", "tokenize", "tokenize_for_model", "token_id_matrix", "default_bpe_path", "get_tokenizer"]
 
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
@@ -156,6 +159,8 @@ def tokenize(
     Too long with ``truncate``: the first ``context_length`` ids are kept and the last one
     becomes EOT (OpenAI's behaviour); without it, ValueError.
     """
+    import torch  # here, so that the library's text queries (token_id_matrix) need no torch
+
     tokenizer = get_tokenizer()
     texts = _as_list(texts)
     result = torch.zeros(len(texts), context_length, dtype=torch.long)
@@ -170,16 +175,23 @@ def tokenize(
     return result
 
 
-def tokenize_for_model(texts: Union[str, Sequence[str]], max_words: int = 32) -> torch.Tensor:
-    """Texts -> LongTensor (n, max_words) as CLIP4Clip feeds the text encoder:
+def token_id_matrix(texts: Union[str, Sequence[str]], max_words: int = 32) -> np.ndarray:
+    """Texts -> int64 array (n, max_words) as CLIP4Clip feeds the text encoder:
     SOT + the first ``max_words - 2`` tokens + EOT, zero-padded."""
     if max_words < 2:
         raise ValueError(f"max_words must be at least 2 (SOT and EOT), got {max_words}")
     tokenizer = get_tokenizer()
     texts = _as_list(texts)
-    result = torch.zeros(len(texts), max_words, dtype=torch.long)
+    result = np.zeros((len(texts), max_words), dtype=np.int64)
     for i, text in enumerate(texts):
         ids = tokenizer.encode(text)[: max_words - 2]
         ids = [tokenizer.sot_token_id] + ids + [tokenizer.eot_token_id]
-        result[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        result[i, : len(ids)] = ids
     return result
+
+
+def tokenize_for_model(texts: Union[str, Sequence[str]], max_words: int = 32) -> torch.Tensor:
+    """:func:`token_id_matrix` as a LongTensor (n, max_words)."""
+    import torch
+
+    return torch.from_numpy(token_id_matrix(texts, max_words))

@@ -1,0 +1,253 @@
+"""CLIP's text tower in NumPy: text queries without importing torch.
+
+A cold search spends most of its time before the first query: ``import torch`` alone takes
+about 2.3 s on a 2-core machine, then the whole CLIP file is read to encode one sentence.
+A library therefore keeps its model's text tower (LoRA folded in, float32) beside its
+shards, written by the first process that has the model (:func:`save_text_tower`), and a
+text query runs this forward: token and position embeddings, the pre-LN residual blocks
+with a causal mask, ``ln_final``, the EOT token times ``text_projection``, unit norm. It is
+the computation of :meth:`modules.module_clip.CLIP.encode_text` (the torch model stays the
+definition; ``tests/test_text_tower.py`` holds the two together to 1e-5).
+
+The file is data, not code: a ``.safetensors`` file whose header names the model's
+fingerprint, the sizes and the activation; :func:`load_text_tower` checks every tensor's
+name, dtype and shape against those sizes before it computes anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["TextTower", "TextTowerError", "text_tower_of", "save_text_tower", "load_text_tower", "text_tower_path",
+           "token_ids"]
+
+FORMAT = "unified-text-tower"
+VERSION = 1
+#: a ViT-L/14 text tower is 0.5 GB in float32; anything past this is not a CLIP text tower
+MAX_FILE_BYTES = 2 << 30
+PathLike = Union[str, os.PathLike]
+
+
+class TextTowerError(ValueError):
+    """A text tower file that is missing, malformed or of another model."""
+
+
+def text_tower_path(folder: PathLike, fingerprint_id: str) -> str:
+    """Where a library folder keeps the text tower of the model ``fingerprint_id``."""
+    return os.path.join(os.fspath(folder), f"text-tower-{fingerprint_id}.safetensors")
+
+
+def _expected_shapes(sizes: Mapping[str, int]) -> Dict[str, tuple]:
+    width, layers = sizes["width"], sizes["layers"]
+    shapes = {
+        "token_embedding": (sizes["vocab_size"], width),
+        "positional_embedding": (sizes["context_length"], width),
+        "ln_final.weight": (width,), "ln_final.bias": (width,),
+        "text_projection": (width, sizes["embed_dim"]),
+    }
+    for i in range(layers):
+        p = f"blocks.{i}."
+        shapes.update({
+            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+            p + "in_proj_weight": (3 * width, width), p + "in_proj_bias": (3 * width,),
+            p + "out_proj.weight": (width, width), p + "out_proj.bias": (width,),
+            p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+            p + "c_fc.weight": (4 * width, width), p + "c_fc.bias": (4 * width,),
+            p + "c_proj.weight": (width, 4 * width), p + "c_proj.bias": (width,),
+        })
+    return shapes
+
+
+# ------------------------------------------------------------------ the forward, pure functions
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm over the last axis (torch's biased variance, eps 1e-5)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    var = np.mean(centred * centred, axis=-1, keepdims=True)
+    return centred / np.sqrt(var + eps) * weight + bias
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26: |error| <= 1.5e-7, about float32's resolution near 1.
+    sign = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return sign * (1.0 - poly * np.exp(-a * a))
+
+
+def activation(x: np.ndarray, name: str) -> np.ndarray:
+    """CLIP's MLP activation: ``quick_gelu`` (OpenAI's weights) or exact ``gelu``."""
+    if name == "quick_gelu":
+        return x / (1.0 + np.exp(-1.702 * x))
+    if name == "gelu":
+        return 0.5 * x * (1.0 + _erf(x * np.float32(1 / np.sqrt(2))))
+    raise TextTowerError(f"unknown activation {name!r}")
+
+
+def causal_attention(x: np.ndarray, in_w: np.ndarray, in_b: np.ndarray, out_w: np.ndarray, out_b: np.ndarray,
+                     heads: int) -> np.ndarray:
+    """(B, L, d) -> (B, L, d): multi-head self-attention where position i sees 0..i."""
+    batch, length, width = x.shape
+    head_dim = width // heads
+    qkv = (x @ in_w.T + in_b).reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]  # (B, h, L, hd)
+    scores = (q @ k.transpose(0, 1, 3, 2)) * np.float32(head_dim ** -0.5)
+    scores = scores + np.triu(np.full((length, length), -np.inf, dtype=np.float32), 1)
+    scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    weights = scores / scores.sum(axis=-1, keepdims=True)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)
+    return out @ out_w.T + out_b
+
+
+@dataclass
+class TextTower:
+    """A CLIP text tower's float32 arrays and sizes; :meth:`encode` is its forward."""
+
+    fingerprint_id: str
+    sizes: Dict[str, int]  # width, layers, heads, vocab_size, context_length, embed_dim, max_words
+    activation: str
+    arrays: Dict[str, np.ndarray]
+
+    def encode(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids (T, L) (SOT ... EOT, zero-padded; EOT is the largest id) -> (T, D) unit vectors.
+
+        Positions after a row's EOT cannot change its EOT token (the mask is causal), so the
+        forward stops at the last EOT of the batch.
+        """
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] > self.sizes["context_length"]:
+            raise TextTowerError(f"token ids must be (T, L<={self.sizes['context_length']}), got {ids.shape}")
+        eot = ids.argmax(axis=1)
+        length = int(eot.max()) + 1 if ids.shape[0] else 1
+        a = self.arrays
+        x = a["token_embedding"][ids[:, :length]] + a["positional_embedding"][:length]
+        for i in range(self.sizes["layers"]):
+            p = f"blocks.{i}."
+            h = layer_norm(x, a[p + "ln_1.weight"], a[p + "ln_1.bias"])
+            x = x + causal_attention(h, a[p + "in_proj_weight"], a[p + "in_proj_bias"], a[p + "out_proj.weight"],
+                                     a[p + "out_proj.bias"], self.sizes["heads"])
+            h = layer_norm(x, a[p + "ln_2.weight"], a[p + "ln_2.bias"])
+            h = activation(h @ a[p + "c_fc.weight"].T + a[p + "c_fc.bias"], self.activation)
+            x = x + h @ a[p + "c_proj.weight"].T + a[p + "c_proj.bias"]
+        x = layer_norm(x[np.arange(ids.shape[0]), eot], a["ln_final.weight"], a["ln_final.bias"])
+        features = (x @ a["text_projection"]).astype(np.float32)
+        return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+
+    def encode_text(self, texts: Sequence[str]) -> np.ndarray:
+        """(T,) texts -> (T, D) float32 unit vectors, tokenized as the model does (max_words)."""
+        return self.encode(token_ids(list(texts), self.sizes["max_words"]))
+
+
+def token_ids(texts: Sequence[str], max_words: int) -> np.ndarray:
+    """Texts -> (T, max_words) int64 as the model feeds its text tower (tokenize_for_model)."""
+    from modules.tokenization_clip import token_id_matrix
+
+    return token_id_matrix(texts, max_words)
+
+
+# ------------------------------------------------------------------ from a model, to and from a file
+def text_tower_of(model: Any, fingerprint_id: str) -> TextTower:
+    """The text tower of a built :class:`~unified_model.UnifiedTempMeSTOPModel` (LoRA merged)."""
+    if getattr(model, "text_lora", None) is not None:
+        raise TextTowerError("fold the text LoRA first (create_unified_model(..., merge_lora=True))")
+    clip = model.clip
+
+    def arr(tensor) -> np.ndarray:
+        return np.ascontiguousarray(tensor.detach().float().cpu().numpy())
+
+    arrays = {"token_embedding": arr(clip.token_embedding.weight), "positional_embedding": arr(clip.positional_embedding),
+              "ln_final.weight": arr(clip.ln_final.weight), "ln_final.bias": arr(clip.ln_final.bias),
+              "text_projection": arr(clip.text_projection)}
+    for i, block in enumerate(clip.transformer.resblocks):
+        p = f"blocks.{i}."
+        arrays.update({
+            p + "ln_1.weight": arr(block.ln_1.weight), p + "ln_1.bias": arr(block.ln_1.bias),
+            p + "in_proj_weight": arr(block.attn.in_proj_weight), p + "in_proj_bias": arr(block.attn.in_proj_bias),
+            p + "out_proj.weight": arr(block.attn.out_proj.weight), p + "out_proj.bias": arr(block.attn.out_proj.bias),
+            p + "ln_2.weight": arr(block.ln_2.weight), p + "ln_2.bias": arr(block.ln_2.bias),
+            p + "c_fc.weight": arr(block.mlp.c_fc.weight), p + "c_fc.bias": arr(block.mlp.c_fc.bias),
+            p + "c_proj.weight": arr(block.mlp.c_proj.weight), p + "c_proj.bias": arr(block.mlp.c_proj.bias),
+        })
+    sizes = {"width": clip.transformer.width, "layers": clip.transformer.layers, "heads": clip.transformer.heads,
+             "vocab_size": clip.vocab_size, "context_length": clip.context_length,
+             "embed_dim": int(clip.text_projection.shape[1]), "max_words": int(model.config.max_words)}
+    return TextTower(fingerprint_id, sizes, clip.activation, arrays)
+
+
+def save_text_tower(tower: TextTower, path: PathLike) -> None:
+    """Write ``tower`` as one .safetensors file, atomically (temp file + rename)."""
+    from safetensors.numpy import save
+
+    from modules.atomic_io import atomic_write
+
+    header = {"format": FORMAT, "version": str(VERSION), "fingerprint_id": tower.fingerprint_id,
+              "activation": tower.activation, "sizes": json.dumps(tower.sizes, sort_keys=True)}
+    data = save(tower.arrays, metadata=header)
+    atomic_write(path, lambda fh: fh.write(data))
+
+
+def _int_sizes(raw: str, path: str) -> Dict[str, int]:
+    try:
+        sizes = json.loads(raw)
+    except ValueError:
+        raise TextTowerError(f"{path}: header 'sizes' is not JSON") from None
+    keys = ("width", "layers", "heads", "vocab_size", "context_length", "embed_dim", "max_words")
+    if not isinstance(sizes, dict) or sorted(sizes) != sorted(keys) or \
+            not all(isinstance(sizes[k], int) and not isinstance(sizes[k], bool) and 0 < sizes[k] <= 1 << 20 for k in keys):
+        raise TextTowerError(f"{path}: header 'sizes' must give positive integers for {', '.join(keys)}")
+    if sizes["width"] % sizes["heads"] or sizes["max_words"] > sizes["context_length"]:
+        raise TextTowerError(f"{path}: inconsistent sizes {sizes}")
+    return sizes
+
+
+def load_text_tower(path: PathLike, fingerprint_id: Optional[str] = None) -> TextTower:
+    """Read and check a text tower file; ``fingerprint_id``, if given, must be the file's.
+
+    Raises TextTowerError (one line naming the file) on anything unexpected: not a regular
+    file, too large, not safetensors, another model, missing or extra tensors, wrong dtype
+    or shape, non-finite values.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise TextTowerError(f"{path}: {err.strerror}") from None
+    import stat as stat_mod
+
+    if not stat_mod.S_ISREG(st.st_mode):
+        raise TextTowerError(f"{path}: not a regular file")
+    if st.st_size > MAX_FILE_BYTES:
+        raise TextTowerError(f"{path}: {st.st_size} bytes, more than a text tower's {MAX_FILE_BYTES}")
+    try:
+        with safe_open(path, framework="np") as fh:
+            header = fh.metadata() or {}
+            if header.get("format") != FORMAT or header.get("version") != str(VERSION):
+                raise TextTowerError(f"{path}: not a {FORMAT} file of version {VERSION}")
+            if fingerprint_id is not None and header.get("fingerprint_id") != fingerprint_id:
+                raise TextTowerError(f"{path}: the text tower of model {header.get('fingerprint_id')!r}, "
+                                     f"not of {fingerprint_id!r}")
+            sizes = _int_sizes(header.get("sizes", ""), path)
+            name = header.get("activation", "")
+            if name not in ("quick_gelu", "gelu"):
+                raise TextTowerError(f"{path}: unknown activation {name!r}")
+            expected = _expected_shapes(sizes)
+            if set(fh.keys()) != set(expected):
+                missing, extra = sorted(set(expected) - set(fh.keys())), sorted(set(fh.keys()) - set(expected))
+                raise TextTowerError(f"{path}: tensors do not match the sizes (missing {missing[:3]}, extra {extra[:3]})")
+            arrays = {key: fh.get_tensor(key) for key in expected}
+    except SafetensorError as err:
+        raise TextTowerError(f"{path}: not a readable safetensors file ({err})") from None
+    for key, shape in expected.items():
+        array = arrays[key]
+        if array.dtype != np.float32 or array.shape != shape:
+            raise TextTowerError(f"{path}: tensor {key} is {array.dtype} {array.shape}, expected float32 {shape}")
+        if not np.isfinite(array).all():
+            raise TextTowerError(f"{path}: tensor {key} holds non-finite values")
+    return TextTower(str(header["fingerprint_id"]), sizes, name, arrays)

@@ -10,10 +10,14 @@ centre), the way CLIP embeddings cluster; queries are drawn the same way. Per si
 - RSS: peak RSS of a separate search process (open + 50 vector queries, no model), and
   its ratio to the index size;
 - warm p50/p99: in-process latency of one query, the vector already encoded ("vec"),
-  and including the text encoding with a random-weight ViT-B/32 text tower ("text");
+  and including the text encoding by the library's own query encoder ("text": the NumPy
+  text tower the library keeps, modules/text_tower.py, of random-weight ViT-B/32);
 - recall@10 of the library's search against exact search (1.0 where the shard is exact);
-- cold CLI: ``inference.py --embeddings_dir D --query Q --clip_weights random`` wall time
-  (a fresh process: imports, ViT-B/32 build, library open, search), median of runs;
+- cold CLI: ``inference.py --embeddings_dir D --query Q`` wall time (a fresh process:
+  imports, library open, text tower, search), median of runs, after a first query that
+  built the model and wrote the library's text tower (its time is printed too); and the
+  same with the model flags given (``--config_path``), which are checked against the
+  library's model (torch, the weights' identity) before searching;
 - baseline, same vectors: today's path, ``search_embeddings`` on ``embeddings.npy`` +
   ``embeddings_index.json`` (in process: parse + brute force + encoding per call; and
   its cold CLI), plus a plain numpy matrix-vector product over the matrix in memory.
@@ -157,21 +161,45 @@ def search_rss(root: Path, kind: str) -> int:
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def cold_cli(folder: Path, runs: int, extra: List[str], flags: List[str]) -> float:
+def first_query(folder: Path, extra: List[str]) -> float:
+    """A cold CLI with no text tower in the library yet: it builds the model and writes the tower."""
+    for tower in (folder / "library").glob("text-tower-*"):
+        tower.unlink()
+    return cold_cli(folder, 1, extra, [])
+
+
+def cold_cli(folder: Path, runs: int, extra: List[str], flags: List[str], rss: Optional[List[int]] = None) -> float:
+    """Median wall time of ``runs`` fresh CLI searches; their peak RSS bytes go to ``rss``."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder), "--query",
-                               QUERY, *flags, "--top_k", "10", "-q", *extra],
-                              capture_output=True, text=True)
-        times.append(time.perf_counter() - start)
-        if proc.returncode != 0:
-            raise RuntimeError(f"CLI failed: {proc.stderr[-500:]}")
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder),
+                                     "--query", QUERY, *flags, "--top_k", "10", "-q", *extra],
+                                    stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
+            times.append(time.perf_counter() - start)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"CLI failed: {err.read()[-500:].decode(errors='replace')}")
+        if rss is not None:
+            rss.append(usage.ru_maxrss * 1024)
     return statistics.median(times)
 
 
-def warm(library, kind: str, queries: np.ndarray, encoder, texts: List[str]) -> Dict[str, float]:
+def cli_times(root: Path, runs: int, extra: List[str], flags: List[str]) -> Dict[str, float]:
+    first = first_query(root, extra)
+    rss: List[int] = []
+    return {"first_cli": first, "cli": cold_cli(root, runs, extra, [], rss), "cli_rss": max(rss),
+            "cli_flags": cold_cli(root, runs, extra, flags)}
+
+
+def warm(library, kind: str, queries: np.ndarray, texts: List[str]) -> Dict[str, float]:
+    """In-process query latency: vectors, and texts through the library's own encoder."""
     moments = kind == "segments"
+    encoder = library.encoder()
+    encoder.encode_text(texts[:1])  # builds the model / reads the text tower once
     for q in queries[:5]:
         library.search_vector(q, 10, moments)
     vec = []
@@ -307,7 +335,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from modules.library_query import ModelQueryEncoder
     from unified_model import create_unified_model
 
     torch.set_num_threads(2)
@@ -322,7 +349,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         model = create_unified_model(config_path=flags[1], device="cpu", merge_lora=True)
     else:
         model = create_unified_model(clip_weights="random", device="cpu", merge_lora=True)
-    encoder = ModelQueryEncoder(model)
     texts = [f"{QUERY} {i}" for i in range(20)]
     queries = clustered(args.queries, 99, centres)
     print(f"# bench_search: {os.cpu_count()} CPUs, dim {DIM}, {CENTRES} clusters, work dir {work}, "
@@ -344,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   "index": sum(os.path.getsize(s.file(library.root, "faiss")) for s in library.shards[kind]),
                   "index_kind": info.kind + (f" nlist {info.nlist} nprobe {info.nprobe}" if info.kind == "ivf" else "")}
         result["rss"] = search_rss(root, kind)
-        result.update(warm(library, kind, queries, encoder, texts))
+        result.update(warm(library, kind, queries, texts))
         result["recall"] = recall(library, kind, matrix, queries)
         result["numpy_p50"] = numpy_brute_force(matrix, queries)
         if kind == "videos":
@@ -359,11 +385,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 times.append(time.perf_counter() - t0)
             result["today_warm"] = statistics.median(times)
             if args.cli_runs:
-                result["cli"] = cold_cli(root, args.cli_runs, [], flags)
+                result.update(cli_times(root, args.cli_runs, [], flags))
                 result["today_cli"] = cold_cli(base, args.cli_runs, [], flags)
             largest_videos = (root, library, n)
         elif args.cli_runs:
-            result["cli"] = cold_cli(root, args.cli_runs, ["--moments"], flags)
+            result.update(cli_times(root, args.cli_runs, ["--moments"], flags))
         del emb, seg, matrix
         rows.append(result)
         print(json.dumps(result), flush=True)
@@ -381,14 +407,17 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     mib = 1024 * 1024
     print("\n| library | rows | index | build s | disk MiB | index MiB | search RSS MiB (x index) | warm p50 / p99 ms (vector) "
-          "| warm p50 / p99 ms (with text encoding) | recall@10 | cold CLI s | today: warm search s | today: cold CLI s "
-          "| numpy brute force p50 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| warm p50 / p99 ms (with text encoding) | recall@10 | cold CLI s (first query) | cold CLI RSS MiB (x index) "
+          "| cold CLI s, model flags "
+          "| today: warm search s | today: cold CLI s | numpy brute force p50 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['kind']} | {r['rows']:,} | {r['index_kind']} | {r['build_s']:.1f} | {r['disk'] / mib:.0f} | "
               f"{r['index'] / mib:.0f} | {r['rss'] / mib:.0f} ({r['rss'] / max(r['index'], 1):.2f}x) | "
               f"{r['vec_p50'] * 1e3:.2f} / {r['vec_p99'] * 1e3:.2f} | {r['text_p50'] * 1e3:.1f} / {r['text_p99'] * 1e3:.1f} | "
-              f"{r['recall']:.3f} | {r.get('cli', float('nan')):.2f} | {r.get('today_warm', float('nan')):.2f} | "
+              f"{r['recall']:.3f} | {r.get('cli', float('nan')):.2f} ({r.get('first_cli', float('nan')):.2f}) | "
+              f"{r.get('cli_rss', float('nan')) / mib:.0f} ({r.get('cli_rss', float('nan')) / max(r['index'], 1):.2f}x) | "
+              f"{r.get('cli_flags', float('nan')):.2f} | {r.get('today_warm', float('nan')):.2f} | "
               f"{r.get('today_cli', float('nan')):.2f} | {r['numpy_p50'] * 1e3:.1f} |")
     if adds:
         print(f"\n+1000 videos to the {largest_videos[2]:,}-video library: median {statistics.median(adds):.2f} s "
@@ -414,14 +443,21 @@ def only_cli(work: Path, args: argparse.Namespace, flags: List[str]) -> int:
     """Cold CLI timings of libraries an earlier run built in ``work`` (quick, for a quiet machine)."""
     print(f"# cold CLI only: model flags {' '.join(flags)}, load average {os.getloadavg()[0]:.2f}")
     print(f"fresh `python -c 'import torch'`: median {import_torch_floor(args.cli_runs):.2f} s")
-    print("\n| library | rows | cold CLI s (median) | runs |\n|---|---|---|---|")
+    print("\n| library | rows | cold CLI s (median) | runs | peak RSS MiB | first query s | with model flags s (median) "
+          "| runs |\n|---|---|---|---|---|---|---|---|")
     for kind, n in [("videos", int(v)) for v in args.videos.split(",") if v] + \
                    [("segments", int(v)) for v in args.segments.split(",") if v]:
         root = work / f"{kind}_{n}"
         if not (root / "library" / "manifest.json").is_file():
             continue
-        times = [cold_cli(root, 1, ["--moments"] if kind == "segments" else [], flags) for _ in range(args.cli_runs)]
-        print(f"| {kind} | {n:,} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |", flush=True)
+        extra = ["--moments"] if kind == "segments" else []
+        first = first_query(root, extra)
+        rss: List[int] = []
+        times = [cold_cli(root, 1, extra, [], rss) for _ in range(args.cli_runs)]
+        flagged = [cold_cli(root, 1, extra, flags) for _ in range(args.cli_runs)]
+        print(f"| {kind} | {n:,} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} | "
+              f"{max(rss) / 2**20:.0f} | "
+              f"{first:.2f} | {statistics.median(flagged):.2f} | {', '.join(f'{t:.2f}' for t in flagged)} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -301,6 +301,8 @@ def run_extraction(plan: ExtractionPlan):
                                    + 2 * max(1, plan.workers), windows=True)
             if model is None:
                 model = create_unified_model(spec=plan.spec, device=env.device, merge_lora=options.merge_lora)
+            for writer in plan.writers:
+                writer.model_built(model)
             if plan.batch_size is None:  # CUDA: the batch free device memory holds
                 plan.batch_size = plan.settings["batch_size"] = device_batch_size(model)
         failed = sum(1 for r in plan.records.values() if r.status == "failed")

@@ -101,6 +101,23 @@ class LibraryWriter(Writer):
         """The running model's fingerprint (unified_model.model_fingerprint) is the library's identity."""
         self.fingerprint.update(fingerprint=fingerprint, fingerprint_parts=dict(parts))
 
+    def model_built(self, model) -> None:
+        """Keep the model's text tower in the library, so that even the first text search
+        after this run imports no torch (modules.text_tower); an unmerged LoRA model, whose
+        tower is not plain CLIP weights yet, leaves that to the first search."""
+        from modules.library import fingerprint_id
+        from modules.text_tower import TextTowerError, save_text_tower, text_tower_of, text_tower_path
+
+        try:
+            tower = text_tower_of(model, fingerprint_id(self.fingerprint))
+        except TextTowerError as err:
+            logger.debug("no text tower written at extraction: %s", err)
+            return
+        os.makedirs(self.root, exist_ok=True)
+        path = text_tower_path(self.root, tower.fingerprint_id)
+        if not os.path.isfile(path):
+            save_text_tower(tower, path)
+
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         if os.path.isfile(os.path.join(self.root, "manifest.json")):
             self.library = VideoLibrary.open(self.root)

@@ -11,12 +11,15 @@ definition; ``tests/test_text_tower.py`` holds the two together to 1e-5).
 
 The file is data, not code: a ``.safetensors`` file whose header names the model's
 fingerprint, the sizes and the activation; :func:`load_text_tower` checks every tensor's
-name, dtype and shape against those sizes before it computes anything.
+name, dtype, shape and extent against those sizes before it computes anything, and maps
+the tensors instead of copying them.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
+import struct
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
@@ -126,6 +129,8 @@ class TextTower:
         length = int(eot.max()) + 1 if ids.shape[0] else 1
         a = self.arrays
         x = a["token_embedding"][ids[:, :length]] + a["positional_embedding"][:length]
+        if not np.isfinite(x).all():  # the token table is checked row by row, as rows are read
+            raise TextTowerError("the text tower's token embedding holds non-finite values")
         for i in range(self.sizes["layers"]):
             p = f"blocks.{i}."
             h = layer_norm(x, a[p + "ln_1.weight"], a[p + "ln_1.bias"])
@@ -205,49 +210,81 @@ def _int_sizes(raw: str, path: str) -> Dict[str, int]:
     return sizes
 
 
+#: a tower's header lists about 200 tensors (a few KiB); a larger one is not a tower's
+MAX_HEADER_BYTES = 1 << 20
+
+
+def _read_header(fh, path: str, size: int) -> Dict[str, Any]:
+    """The safetensors header: 8 bytes little-endian length, then that many bytes of JSON."""
+    raw = fh.read(8)
+    if len(raw) < 8:
+        raise TextTowerError(f"{path}: not a readable safetensors file (shorter than its header length)")
+    length = struct.unpack("<Q", raw)[0]
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise TextTowerError(f"{path}: not a readable safetensors file (header of {length} bytes)")
+    try:
+        header = json.loads(fh.read(length))
+    except (ValueError, UnicodeDecodeError):
+        raise TextTowerError(f"{path}: not a readable safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
+        raise TextTowerError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
+    header["__data_start__"] = 8 + length
+    return header
+
+
 def load_text_tower(path: PathLike, fingerprint_id: Optional[str] = None) -> TextTower:
     """Read and check a text tower file; ``fingerprint_id``, if given, must be the file's.
 
-    Raises TextTowerError (one line naming the file) on anything unexpected: not a regular
-    file, too large, not safetensors, another model, missing or extra tensors, wrong dtype
-    or shape, non-finite values.
+    The arrays are read-only memory maps of the file (the safetensors layout: a JSON header,
+    then raw little-endian tensors), so a query touches the pages of the blocks and of its
+    own token rows, not the whole 100 MB token table; safetensors' own NumPy reader copies
+    every tensor. Raises TextTowerError (one line naming the file) on anything unexpected:
+    not a regular file, too large, not safetensors, another model, missing or extra tensors,
+    wrong dtype, shape or extent, non-finite values in the blocks.
     """
-    from safetensors import SafetensorError, safe_open
-
     path = os.fspath(path)
     try:
-        st = os.stat(path)
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO would block
+            raise TextTowerError(f"{path}: not a regular file")
+        fh = open(path, "rb")
     except OSError as err:
         raise TextTowerError(f"{path}: {err.strerror}") from None
-    import stat as stat_mod
-
-    if not stat_mod.S_ISREG(st.st_mode):
-        raise TextTowerError(f"{path}: not a regular file")
-    if st.st_size > MAX_FILE_BYTES:
-        raise TextTowerError(f"{path}: {st.st_size} bytes, more than a text tower's {MAX_FILE_BYTES}")
-    try:
-        with safe_open(path, framework="np") as fh:
-            header = fh.metadata() or {}
-            if header.get("format") != FORMAT or header.get("version") != str(VERSION):
-                raise TextTowerError(f"{path}: not a {FORMAT} file of version {VERSION}")
-            if fingerprint_id is not None and header.get("fingerprint_id") != fingerprint_id:
-                raise TextTowerError(f"{path}: the text tower of model {header.get('fingerprint_id')!r}, "
-                                     f"not of {fingerprint_id!r}")
-            sizes = _int_sizes(header.get("sizes", ""), path)
-            name = header.get("activation", "")
-            if name not in ("quick_gelu", "gelu"):
-                raise TextTowerError(f"{path}: unknown activation {name!r}")
-            expected = _expected_shapes(sizes)
-            if set(fh.keys()) != set(expected):
-                missing, extra = sorted(set(expected) - set(fh.keys())), sorted(set(fh.keys()) - set(expected))
-                raise TextTowerError(f"{path}: tensors do not match the sizes (missing {missing[:3]}, extra {extra[:3]})")
-            arrays = {key: fh.get_tensor(key) for key in expected}
-    except SafetensorError as err:
-        raise TextTowerError(f"{path}: not a readable safetensors file ({err})") from None
+    with fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise TextTowerError(f"{path}: not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise TextTowerError(f"{path}: {st.st_size} bytes, more than a text tower's {MAX_FILE_BYTES}")
+        header = _read_header(fh, path, st.st_size)
+    meta = header.pop("__metadata__", {})
+    data_start = header.pop("__data_start__")
+    if meta.get("format") != FORMAT or meta.get("version") != str(VERSION):
+        raise TextTowerError(f"{path}: not a {FORMAT} file of version {VERSION}")
+    if fingerprint_id is not None and meta.get("fingerprint_id") != fingerprint_id:
+        raise TextTowerError(f"{path}: the text tower of model {meta.get('fingerprint_id')!r}, not of {fingerprint_id!r}")
+    sizes = _int_sizes(meta.get("sizes", ""), path)
+    name = meta.get("activation", "")
+    if name not in ("quick_gelu", "gelu"):
+        raise TextTowerError(f"{path}: unknown activation {name!r}")
+    expected = _expected_shapes(sizes)
+    if set(header) != set(expected):
+        missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+        raise TextTowerError(f"{path}: tensors do not match the sizes (missing {missing[:3]}, extra {extra[:3]})")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    arrays: Dict[str, np.ndarray] = {}
     for key, shape in expected.items():
-        array = arrays[key]
-        if array.dtype != np.float32 or array.shape != shape:
-            raise TextTowerError(f"{path}: tensor {key} is {array.dtype} {array.shape}, expected float32 {shape}")
-        if not np.isfinite(array).all():
+        entry = header[key]
+        try:
+            dtype, got, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise TextTowerError(f"{path}: tensor {key} has a malformed header entry") from None
+        if dtype != "F32" or got != shape:
+            raise TextTowerError(f"{path}: tensor {key} is {dtype} {got}, expected F32 {shape}")
+        nbytes = 4 * int(np.prod(shape))
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin and end - begin == nbytes
+                and data_start + end <= st.st_size):
+            raise TextTowerError(f"{path}: tensor {key} lies outside the file or has the wrong length")
+        arrays[key] = data[data_start + begin:data_start + end].view("<f4").reshape(shape)
+        if key != "token_embedding" and not np.isfinite(arrays[key]).all():  # every query reads these
             raise TextTowerError(f"{path}: tensor {key} holds non-finite values")
-    return TextTower(str(header["fingerprint_id"]), sizes, name, arrays)
+    return TextTower(str(meta["fingerprint_id"]), sizes, name, arrays)

@@ -8,6 +8,7 @@ A writer is one object with a small interface (:class:`Writer`)::
     prepare(entries, cleanup)
                        before any video is decoded: check the output folder is writable,
                        remove temp files a killed run left
+    model_built(model) the model, once it is built (not called when every video was done)
     is_done(entry)     resume check: this video's outputs exist, are readable, and came from
                        this source file (path, size, mtime) and this model (fingerprint)
     write(result)      one video's outputs, each file atomically; OSError = that video failed
@@ -148,6 +149,9 @@ class Writer:
 
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         """Before any decode. ``cleanup``: no other process writes here now (one shard)."""
+
+    def model_built(self, model: Any) -> None:
+        """After ``prepare``, when the run builds or was handed its model (nothing to encode: never)."""
 
     def is_done(self, entry: VideoEntry) -> bool:
         """Whether ``entry``'s outputs exist and can be trusted (then the video is skipped)."""

@@ -60,20 +60,24 @@ def _scores(report):
     return [(h["name"], h["score"]) for h in json.loads(report.read_text())["results"]]
 
 
-def test_first_query_writes_the_tower_then_queries_import_no_torch(indexed, tmp_path):
+def test_extraction_keeps_the_tower_and_a_search_without_one_writes_it(indexed, tmp_path):
     from modules.library import VideoLibrary
     from modules.library_query import model_for
 
     _, out, _, _ = indexed
     library = VideoLibrary.open(out)
     towers = lambda: sorted(p.name for p in (out / "library").glob("text-tower-*"))  # noqa: E731
-    assert towers() == []
+    assert towers() == [f"text-tower-{library.fingerprint_id}.safetensors"]  # written by extract --index
+    after_extraction = _cli_in_probe(["--embeddings_dir", out, "--query", "a dog", "--top_k", "3",
+                                      "--output", tmp_path / "0.json"])
+    assert "TORCH_IMPORTED False EXIT 0" in after_extraction.stdout, describe(after_extraction)
+    (out / "library" / towers()[0]).unlink()
     first = _cli_in_probe(["--embeddings_dir", out, "--query", "a dog", "--top_k", "3", "--output", tmp_path / "1.json"])
     assert "TORCH_IMPORTED True EXIT 0" in first.stdout, describe(first)  # no tower yet: the model was built
     assert towers() == [f"text-tower-{library.fingerprint_id}.safetensors"]
     again = _cli_in_probe(["--embeddings_dir", out, "--query", "a dog", "--top_k", "3", "--output", tmp_path / "2.json"])
     assert "TORCH_IMPORTED False EXIT 0" in again.stdout, describe(again)
-    assert _scores(tmp_path / "1.json") == _scores(tmp_path / "2.json")
+    assert _scores(tmp_path / "0.json") == _scores(tmp_path / "1.json") == _scores(tmp_path / "2.json")
     # the scores are those of the torch model's own text embedding
     model = model_for(library.fingerprint, device="cpu")
     with torch.inference_mode():

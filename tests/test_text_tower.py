@@ -82,6 +82,10 @@ def test_file_round_trip_and_refusals(model, tmp_path):
         load_text_tower(tmp_path / "missing.safetensors")
     with pytest.raises(TextTowerError, match="not a regular file"):
         load_text_tower(tmp_path)
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    with pytest.raises(TextTowerError, match="not a regular file"):
+        load_text_tower(tmp_path / "fifo.safetensors")  # refused without blocking on open
+    os.unlink(tmp_path / "fifo.safetensors")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
     with pytest.raises(TextTowerError, match="not a readable safetensors file"):
@@ -108,17 +112,46 @@ def test_file_round_trip_and_refusals(model, tmp_path):
     with pytest.raises(TextTowerError, match=r"missing \['blocks.11.c_proj.bias'\]"):
         load_text_tower(variant("fewer.safetensors", fewer))
     wrong = {**tower.arrays, "text_projection": tower.arrays["text_projection"][:, :256].copy()}
-    with pytest.raises(TextTowerError, match="text_projection is float32 \\(512, 256\\), expected float32 \\(512, 512\\)"):
+    with pytest.raises(TextTowerError, match="text_projection is F32 \\(512, 256\\), expected F32 \\(512, 512\\)"):
         load_text_tower(variant("shape.safetensors", wrong))
     doubles = {**tower.arrays, "ln_final.bias": tower.arrays["ln_final.bias"].astype(np.float64)}
-    with pytest.raises(TextTowerError, match="ln_final.bias is float64"):
+    with pytest.raises(TextTowerError, match="ln_final.bias is F64"):
         load_text_tower(variant("dtype.safetensors", doubles))
     nan = {**tower.arrays, "ln_final.weight": np.full_like(tower.arrays["ln_final.weight"], np.nan)}
     with pytest.raises(TextTowerError, match="ln_final.weight holds non-finite values"):
         load_text_tower(variant("nan.safetensors", nan))
     with open(path, "rb") as fh:
         header_len = struct.unpack("<Q", fh.read(8))[0]
+        header = json.loads(fh.read(header_len))
     assert header_len < 64 * 1024  # the header is small: the file is tensors
+
+    def rewritten(name, change):
+        """The saved file with its header edited by ``change`` (same data bytes)."""
+        edited = json.loads(json.dumps(header))
+        change(edited)
+        raw = json.dumps(edited).encode()
+        raw += b" " * (-len(raw) % 8)
+        out = tmp_path / name
+        with open(path, "rb") as fh:
+            fh.seek(8 + header_len)
+            out.write_bytes(struct.pack("<Q", len(raw)) + raw + fh.read())
+        return out
+
+    def past_the_end(h):
+        h["ln_final.bias"]["data_offsets"] = [10**9, 10**9 + 4 * 512]
+
+    with pytest.raises(TextTowerError, match="ln_final.bias lies outside the file"):
+        load_text_tower(rewritten("extent.safetensors", past_the_end))
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")  # claims a 1 TiB header
+    with pytest.raises(TextTowerError, match="header of 1099511627776 bytes"):
+        load_text_tower(huge)
+    bad_row = {**tower.arrays, "token_embedding": tower.arrays["token_embedding"].copy()}
+    bad_row["token_embedding"][320] = np.inf  # the id of "a"
+    lazy = load_text_tower(variant("row.safetensors", bad_row))  # the table is checked as rows are read
+    lazy.encode_text(["dog"])
+    with pytest.raises(TextTowerError, match="token embedding holds non-finite values"):
+        lazy.encode_text(["a dog"])
 
 
 def test_token_ids_are_the_model_tokens():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -128,14 +129,20 @@ class LibraryQueryEncoder:
         self.device = device
         self._tower = None
         self._model_encoder: Optional[ModelQueryEncoder] = None
+        self._lock = threading.RLock()  # the server's first concurrent requests build once
 
     def model_encoder(self) -> ModelQueryEncoder:
-        if self._model_encoder is None:
-            self._model_encoder = ModelQueryEncoder(model_for(self.fingerprint, self.device))
-        return self._model_encoder
+        with self._lock:
+            if self._model_encoder is None:
+                self._model_encoder = ModelQueryEncoder(model_for(self.fingerprint, self.device))
+            return self._model_encoder
 
     def text_tower(self):
         """The library's text tower: read from its file, else taken from the model and written."""
+        with self._lock:
+            return self._text_tower()
+
+    def _text_tower(self):
         if self._tower is None:
             from modules.text_tower import TextTowerError, load_text_tower, save_text_tower, text_tower_of, text_tower_path
 

@@ -113,10 +113,12 @@ class LibraryWriter(Writer):
         except TextTowerError as err:
             logger.debug("no text tower written at extraction: %s", err)
             return
-        os.makedirs(self.root, exist_ok=True)
         path = text_tower_path(self.root, tower.fingerprint_id)
         if not os.path.isfile(path):
-            save_text_tower(tower, path)
+            try:
+                save_text_tower(tower, path)
+            except OSError as err:  # the embeddings matter more: the first search writes it instead
+                logger.warning("cannot keep the text tower in %s: %s", self.root, err)
 
     def prepare(self, entries: Sequence[VideoEntry], cleanup: bool = True) -> None:
         if os.path.isfile(os.path.join(self.root, "manifest.json")):

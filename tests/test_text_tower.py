@@ -161,3 +161,17 @@ def test_token_ids_are_the_model_tokens():
     code = "import sys; from modules.text_tower import token_ids; token_ids(['a dog'], 32); print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_saving_removes_the_temp_file_of_a_killed_writer(model, tmp_path):
+    from modules.atomic_io import temp_path
+
+    path = text_tower_path(tmp_path, "abc123")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = temp_path(path).replace(f".{os.getpid()}.", f".{dead.pid}.")  # what a killed writer left
+    open(stale, "wb").write(b"partial")
+    unrelated = tmp_path / "notes.txt"
+    unrelated.write_text("kept")
+    save_text_tower(text_tower_of(model, "abc123"), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "text-tower-abc123.safetensors"]

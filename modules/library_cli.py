@@ -84,8 +84,8 @@ def run_library_search(args: argparse.Namespace) -> List[Dict[str, Any]]:
     library = VideoLibrary.open(args.embeddings_dir, encoder_factory=lambda _fp: query_encoder(library, args))
     top_k = args.top_k if args.top_k is not None else 5
     requests = [("query", q) for q in (args.query or [])] + ([("image", args.image)] if args.image else [])
-    if requests:
-        library.encoder()  # the model loads once, before the clock of the first search starts
+    if requests:  # what the queries need loads once, before the clock of the first search starts
+        library.encoder().load(text=bool(args.query), image=bool(args.image))
     searches = []
     for kind, value in requests:
         start = time.perf_counter()

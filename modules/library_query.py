@@ -66,6 +66,9 @@ class ModelQueryEncoder:
     def __init__(self, model):
         self.model = model
 
+    def load(self, text: bool = True, image: bool = False) -> None:
+        """Nothing to load: the model is built."""
+
     def _threads(self):
         from modules.forward_lanes import torch_threads
 
@@ -159,6 +162,13 @@ class LibraryQueryEncoder:
                 except OSError as err:
                     logger.info("cannot keep the text tower in %s (%s): each process builds the model", path, err)
         return self._tower
+
+    def load(self, text: bool = True, image: bool = False) -> None:
+        """Load now what text (the tower) and image queries (the model) will need."""
+        if text:
+            self.text_tower()
+        if image:
+            self.model_encoder()
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(T,) texts -> (T, D) float32 unit vectors."""

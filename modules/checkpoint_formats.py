@@ -106,8 +106,12 @@ def open_clip_activation(name: Optional[str], tag: Optional[str] = None) -> Opti
         import open_clip
 
         config = open_clip.get_model_config(name)
+        # some tags were trained with QuickGELU on a GELU model config (laion400m_e31, dfn2b, ...)
+        tag_says_quick = bool(tag and (open_clip.get_pretrained_cfg(name, tag) or {}).get("quick_gelu"))
     except ImportError:
-        config = None
+        config, tag_says_quick = None, False
+    if tag_says_quick:
+        return "quick_gelu"
     if config is not None:
         return "quick_gelu" if config.get("quick_gelu") else "gelu"
     # open_clip's own ViT configs are GELU unless named -quickgelu.

@@ -98,6 +98,28 @@ def test_open_clip_name_resolves_through_open_clip(open_clip_model, tmp_path, mo
         load_clip_weights(f"open_clip:{name}/nope")
 
 
+def test_open_clip_tags_trained_with_quick_gelu_say_so():
+    """open_clip marks the pretrained tags trained with QuickGELU (``quick_gelu`` in the tag's
+    config, e.g. ViT-B-32/laion400m_e31) on a model config that says GELU; each tag of
+    open_clip's list gets the activation open_clip itself would build (15 tags got gelu before)."""
+    from modules.checkpoint_formats import open_clip_activation
+
+    assert open_clip_activation("ViT-B-32", "laion400m_e31") == "quick_gelu"
+    assert open_clip_activation("ViT-B-32", "laion2b_s34b_b79k") == "gelu"
+    assert open_clip_activation("ViT-B-32", "openai") == "quick_gelu"
+    wrong = []
+    for name, tag in open_clip.list_pretrained():
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None or "vision_cfg" not in model_cfg or model_cfg["vision_cfg"].get("layers") is None:
+            continue
+        if isinstance(model_cfg["vision_cfg"]["layers"], (list, tuple)):  # ResNet towers: not loadable here
+            continue
+        quick = bool(model_cfg.get("quick_gelu") or open_clip.get_pretrained_cfg(name, tag).get("quick_gelu"))
+        if open_clip_activation(name, tag) != ("quick_gelu" if quick else "gelu"):
+            wrong.append(f"{name}/{tag}")
+    assert wrong == []
+
+
 # ----------------------------------------------------------------------------- Hugging Face
 
 

@@ -25,6 +25,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from modules.cli_support import UsageError
+
 __all__ = ["TextTower", "TextTowerError", "text_tower_of", "save_text_tower", "load_text_tower", "text_tower_path",
            "token_ids"]
 
@@ -35,8 +37,8 @@ MAX_FILE_BYTES = 2 << 30
 PathLike = Union[str, os.PathLike]
 
 
-class TextTowerError(ValueError):
-    """A text tower file that is missing, malformed or of another model."""
+class TextTowerError(UsageError):
+    """A text tower file that is missing, malformed or of another model (exit 2 in the scripts)."""
 
 
 def text_tower_path(folder: PathLike, fingerprint_id: str) -> str:
@@ -125,6 +127,22 @@ class TextTower:
         ids = np.asarray(ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] > self.sizes["context_length"]:
             raise TextTowerError(f"token ids must be (T, L<={self.sizes['context_length']}), got {ids.shape}")
+        if ids.size and not 0 <= int(ids.min()) <= int(ids.max()) < self.sizes["vocab_size"]:
+            raise TextTowerError(f"token ids outside the vocabulary of {self.sizes['vocab_size']}")
+        from threadpoolctl import threadpool_limits
+
+        # one text is too little work to share: a second BLAS thread only waits at barriers
+        # (a 45-54 ms forward took 114-639 ms on two threads with the machine at load 2-4)
+        with threadpool_limits(limits=1, user_api="blas"), np.errstate(over="ignore", invalid="ignore"):
+            features = self._forward(ids)  # an overflow is caught on the result below
+        norms = np.linalg.norm(features, axis=-1, keepdims=True)
+        if not (np.isfinite(features).all() and (norms > 0).all()):
+            raise TextTowerError(f"the text tower of model {self.fingerprint_id!r} gives a non-finite or zero vector: "
+                                 "its file is corrupt (delete it: the next search rebuilds it from the model)")
+        return features / norms
+
+    def _forward(self, ids: np.ndarray) -> np.ndarray:
+        """(T, L) valid token ids -> (T, D) float32 projected EOT features, not normalised."""
         eot = ids.argmax(axis=1)
         length = int(eot.max()) + 1 if ids.shape[0] else 1
         a = self.arrays
@@ -140,8 +158,7 @@ class TextTower:
             h = activation(h @ a[p + "c_fc.weight"].T + a[p + "c_fc.bias"], self.activation)
             x = x + h @ a[p + "c_proj.weight"].T + a[p + "c_proj.bias"]
         x = layer_norm(x[np.arange(ids.shape[0]), eot], a["ln_final.weight"], a["ln_final.bias"])
-        features = (x @ a["text_projection"]).astype(np.float32)
-        return features / np.maximum(np.linalg.norm(features, axis=-1, keepdims=True), 1e-12)
+        return (x @ a["text_projection"]).astype(np.float32)
 
     def encode_text(self, texts: Sequence[str]) -> np.ndarray:
         """(T,) texts -> (T, D) float32 unit vectors, tokenized as the model does (max_words)."""
@@ -200,16 +217,28 @@ def save_text_tower(tower: TextTower, path: PathLike) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def _int_sizes(raw: str, path: str) -> Dict[str, int]:
+#: upper bounds of a tower's sizes (ViT-L/14's text tower: width 768, 12 layers, context 77)
+_SIZE_LIMITS = {"width": 8192, "layers": 128, "heads": 8192, "context_length": 4096, "embed_dim": 8192,
+                "max_words": 4096, "vocab_size": 1 << 20}
+
+
+def _int_sizes(raw: Any, path: str) -> Dict[str, int]:
+    if not isinstance(raw, str):
+        raise TextTowerError(f"{path}: header 'sizes' is not JSON text")
     try:
         sizes = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise TextTowerError(f"{path}: header 'sizes' is not JSON") from None
-    keys = ("width", "layers", "heads", "vocab_size", "context_length", "embed_dim", "max_words")
-    if not isinstance(sizes, dict) or sorted(sizes) != sorted(keys) or \
-            not all(isinstance(sizes[k], int) and not isinstance(sizes[k], bool) and 0 < sizes[k] <= 1 << 20 for k in keys):
-        raise TextTowerError(f"{path}: header 'sizes' must give positive integers for {', '.join(keys)}")
-    if sizes["width"] % sizes["heads"] or sizes["max_words"] > sizes["context_length"]:
+    keys = sorted(_SIZE_LIMITS)
+    if not isinstance(sizes, dict) or sorted(sizes) != keys or not all(
+            isinstance(sizes[k], int) and not isinstance(sizes[k], bool) and 0 < sizes[k] <= _SIZE_LIMITS[k] for k in keys):
+        raise TextTowerError(f"{path}: header 'sizes' must give {', '.join(keys)} as positive integers "
+                             f"within {_SIZE_LIMITS}")
+    from modules.tokenization_clip import VOCAB_SIZE
+
+    if sizes["vocab_size"] != VOCAB_SIZE:
+        raise TextTowerError(f"{path}: a vocabulary of {sizes['vocab_size']} tokens, not CLIP's tokenizer's {VOCAB_SIZE}")
+    if sizes["width"] % sizes["heads"] or not 2 <= sizes["max_words"] <= sizes["context_length"]:
         raise TextTowerError(f"{path}: inconsistent sizes {sizes}")
     return sizes
 
@@ -228,7 +257,7 @@ def _read_header(fh, path: str, size: int) -> Dict[str, Any]:
         raise TextTowerError(f"{path}: not a readable safetensors file (header of {length} bytes)")
     try:
         header = json.loads(fh.read(length))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise TextTowerError(f"{path}: not a readable safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict) or not isinstance(header.get("__metadata__", {}), dict):
         raise TextTowerError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
@@ -270,6 +299,9 @@ def load_text_tower(path: PathLike, fingerprint_id: Optional[str] = None) -> Tex
     name = meta.get("activation", "")
     if name not in ("quick_gelu", "gelu"):
         raise TextTowerError(f"{path}: unknown activation {name!r}")
+    if len(header) != 5 + 12 * sizes["layers"]:
+        raise TextTowerError(f"{path}: {len(header)} tensors, a {sizes['layers']}-layer text tower has "
+                             f"{5 + 12 * sizes['layers']}")
     expected = _expected_shapes(sizes)
     if set(header) != set(expected):
         missing, extra = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))

@@ -20,13 +20,16 @@ import regex
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SimpleTokenizer", "tokenize", "tokenize_for_model", "token_id_matrix", "default_bpe_path", "get_tokenizer"]
+__all__ = ["SimpleTokenizer", "VOCAB_SIZE", "tokenize", "tokenize_for_model", "token_id_matrix", "default_bpe_path",
+           "get_tokenizer"]
 
 SOT_TEXT = "<|startoftext|>"
 EOT_TEXT = "<|endoftext|>"
 
 # OpenAI's vocabulary: 256 byte symbols, the same with an end-of-word marker, then merges.
 _NUM_MERGES = 49152 - 256 - 2
+#: token ids are 0 .. VOCAB_SIZE - 1: the byte symbols, the same with </w>, the merges, SOT, EOT
+VOCAB_SIZE = 2 * 256 + _NUM_MERGES + 2
 
 
 def default_bpe_path() -> str:

@@ -66,8 +66,19 @@ def test_exact_gelu_activation():
     np.testing.assert_allclose(tower.encode(ids), expected, atol=1e-5)
 
 
-def test_file_round_trip_and_refusals(model, tmp_path):
-    tower = text_tower_of(model, "abc123")
+@pytest.fixture(scope="module")
+def tiny_tower():
+    """A 2-layer, width-64 text tower (small files: one is written per refusal case)."""
+    from modules.clip_archs import small_arch
+
+    clip = build_model(random_state_dict(small_arch(32, vision_width=64, vision_layers=1, text_width=64, text_layers=2),
+                                         seed=2)).eval()
+    return text_tower_of(types.SimpleNamespace(clip=clip, text_lora=None, config=types.SimpleNamespace(max_words=32)),
+                         "abc123")
+
+
+def test_file_round_trip_and_refusals(tiny_tower, tmp_path):
+    tower = tiny_tower
     path = text_tower_path(tmp_path, "abc123")
     save_text_tower(tower, path)
     assert os.path.basename(path) == "text-tower-abc123.safetensors"
@@ -108,11 +119,15 @@ def test_file_round_trip_and_refusals(model, tmp_path):
     with pytest.raises(TextTowerError, match="positive integers"):
         load_text_tower(variant("sizes.safetensors", sizes=json.dumps({**tower.sizes, "layers": -1})))
     fewer = dict(tower.arrays)
-    del fewer["blocks.11.c_proj.bias"]
-    with pytest.raises(TextTowerError, match=r"missing \['blocks.11.c_proj.bias'\]"):
+    del fewer["blocks.1.c_proj.bias"]
+    with pytest.raises(TextTowerError, match="28 tensors, a 2-layer text tower has 29"):
         load_text_tower(variant("fewer.safetensors", fewer))
-    wrong = {**tower.arrays, "text_projection": tower.arrays["text_projection"][:, :256].copy()}
-    with pytest.raises(TextTowerError, match="text_projection is F32 \\(512, 256\\), expected F32 \\(512, 512\\)"):
+    fewer["blocks.1.c_proj.bias_"] = tower.arrays["blocks.1.c_proj.bias"]
+    with pytest.raises(TextTowerError, match=r"missing \['blocks.1.c_proj.bias'\], extra \['blocks.1.c_proj.bias_'\]"):
+        load_text_tower(variant("renamed.safetensors", fewer))
+    dim = tower.sizes["embed_dim"]
+    wrong = {**tower.arrays, "text_projection": tower.arrays["text_projection"][:, :dim // 2].copy()}
+    with pytest.raises(TextTowerError, match=f"text_projection is F32 \\(64, {dim // 2}\\), expected F32 \\(64, {dim}\\)"):
         load_text_tower(variant("shape.safetensors", wrong))
     doubles = {**tower.arrays, "ln_final.bias": tower.arrays["ln_final.bias"].astype(np.float64)}
     with pytest.raises(TextTowerError, match="ln_final.bias is F64"):
@@ -146,6 +161,34 @@ def test_file_round_trip_and_refusals(model, tmp_path):
     huge.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")  # claims a 1 TiB header
     with pytest.raises(TextTowerError, match="header of 1099511627776 bytes"):
         load_text_tower(huge)
+    def meta(**changes):
+        def change(h):
+            h["__metadata__"].update(changes)
+        return change
+
+    sizes = dict(tower.sizes)
+    for name, changes, words in [
+        ("layers.safetensors", {"sizes": json.dumps({**sizes, "layers": 1 << 20})}, "positive integers within"),
+        ("vocab.safetensors", {"sizes": json.dumps({**sizes, "vocab_size": 10})}, "a vocabulary of 10 tokens"),
+        ("words.safetensors", {"sizes": json.dumps({**sizes, "max_words": 1})}, "inconsistent sizes"),
+        ("count.safetensors", {"sizes": json.dumps({**sizes, "layers": 1})}, "a 1-layer text tower has 17"),
+        ("notext.safetensors", {"sizes": {"width": 512}}, "'sizes' is not JSON text"),
+        ("nested.safetensors", {"sizes": "[" * 100000 + "]" * 100000}, "'sizes' is not JSON"),
+    ]:
+        with pytest.raises(TextTowerError, match=words):
+            load_text_tower(rewritten(name, meta(**changes)))
+    deep = tmp_path / "deep.safetensors"
+    raw = b"[" * 200000 + b"]" * 200000
+    deep.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(TextTowerError, match="header is not JSON"):
+        load_text_tower(deep)
+    huge = {**tower.arrays, "blocks.0.c_fc.weight": tower.arrays["blocks.0.c_fc.weight"] * np.float32(1e30)}
+    with pytest.raises(TextTowerError, match="non-finite or zero vector"):
+        load_text_tower(variant("overflow.safetensors", huge)).encode_text(["a dog"])
+    zero = {k: np.zeros_like(v) for k, v in tower.arrays.items()}
+    with pytest.raises(TextTowerError, match="non-finite or zero vector"):
+        load_text_tower(variant("zero.safetensors", zero)).encode_text(["a dog"])
+
     bad_row = {**tower.arrays, "token_embedding": tower.arrays["token_embedding"].copy()}
     bad_row["token_embedding"][320] = np.inf  # the id of "a"
     lazy = load_text_tower(variant("row.safetensors", bad_row))  # the table is checked as rows are read
@@ -163,7 +206,7 @@ def test_token_ids_are_the_model_tokens():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
-def test_saving_removes_the_temp_file_of_a_killed_writer(model, tmp_path):
+def test_saving_removes_the_temp_file_of_a_killed_writer(tiny_tower, tmp_path):
     from modules.atomic_io import temp_path
 
     path = text_tower_path(tmp_path, "abc123")
@@ -173,5 +216,5 @@ def test_saving_removes_the_temp_file_of_a_killed_writer(model, tmp_path):
     open(stale, "wb").write(b"partial")
     unrelated = tmp_path / "notes.txt"
     unrelated.write_text("kept")
-    save_text_tower(text_tower_of(model, "abc123"), path)
+    save_text_tower(tiny_tower, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "text-tower-abc123.safetensors"]

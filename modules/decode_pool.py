@@ -33,12 +33,24 @@ from modules.long_video import video_window
 from modules.video_listing import check_video_file
 from modules.video_sampler import SampledVideo, VideoDecodeError, sample_video
 
-__all__ = ["DecodedVideo", "decode_video", "DecodePool", "PoolRun", "decode_stream", "default_num_workers"]
+__all__ = ["DecodedVideo", "DecodeWorkersError", "decode_video", "DecodePool", "PoolRun", "decode_stream",
+           "default_num_workers"]
 
 logger = logging.getLogger(__name__)
 
-#: a pool whose workers die this often before any result means workers cannot run at all
+#: after this many worker deaths without any result, a probe asks whether workers run at all
 _MAX_STARTUP_CRASHES = 3
+#: seconds a probe worker may take to start and answer
+_PROBE_TIMEOUT = 60.0
+
+
+class DecodeWorkersError(OSError):
+    """Decode worker processes cannot run on this machine (a one-line error in the scripts)."""
+
+
+def _probe_worker() -> int:
+    """What a probe worker runs: nothing a video could make it die of."""
+    return os.getpid()
 
 
 @dataclass
@@ -167,6 +179,20 @@ class DecodePool:
             initializer=_worker_init, initargs=(self.log_level, os.getpid()),
         )
 
+    def workers_run(self) -> bool:
+        """Whether a fresh worker runs a task that no video is part of. Deaths before any
+        result may be the first videos' fault (each killed a worker alone): then it does,
+        and the pool counts as working from here on."""
+        executor = self._executor()
+        try:
+            executor.submit(_probe_worker).result(timeout=_PROBE_TIMEOUT)
+        except Exception:  # noqa: BLE001 - a broken pool, a timeout: workers do not run
+            return False
+        finally:
+            DecodePool._shutdown(executor)
+        self.succeeded = True
+        return True
+
     def imap_unordered(
         self, fn: Callable[..., Any], items: Iterable[Tuple[Any, ...]], on_crash: Callable[[Tuple[Any, ...]], Any]
     ) -> "PoolRun":
@@ -288,10 +314,10 @@ class PoolRun:
         self.in_flight.clear()
         DecodePool._shutdown(self.executor)
         self.executor = None
-        if not pool.succeeded and pool.crashes >= _MAX_STARTUP_CRASHES:
-            raise RuntimeError(
-                f"decode worker processes died {pool.crashes} times without finishing any video; they cannot "
-                "run here: rerun with --num_workers 0 to decode in the main process")
+        if not pool.succeeded and pool.crashes >= _MAX_STARTUP_CRASHES and not pool.workers_run():
+            raise DecodeWorkersError(
+                f"decode worker processes died {pool.crashes} times without finishing any video and a probe "
+                "worker died too; they cannot run here: rerun with --num_workers 0 to decode in the main process")
         self.executor = pool._executor()
         if self.isolating:  # it crashed a worker on its own: give up on it
             self.isolating = False

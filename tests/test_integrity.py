@@ -380,6 +380,49 @@ def test_extraction_survives_a_decode_worker_killed_mid_run(model, tmp_path, mon
         assert written == [f"v{i}_embedding.npy" for i in range(8)]
 
 
+def _die_now():
+    os.kill(os.getpid(), 9)
+
+
+def _small_config():
+    from config import from_dict
+    from tests.cli_utils import SMALL_CONFIG
+
+    return from_dict(SMALL_CONFIG)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_videos_that_kill_every_worker_first_do_not_stop_the_run(model, tmp_path, monkeypatch, workers):
+    """Two killer videos among the first a run takes: before any video succeeded, three
+    worker deaths (the batch, then each killer alone) read as "workers cannot run here" and
+    the run aborted with a traceback, writing nothing. Workers that run a probe are fine:
+    the killers fail, the rest is written."""
+    import modules.decode_pool as decode_pool
+    import modules.extraction as extraction
+
+    for name in ("aa1", "aa2", "b1", "b2", "b3"):
+        _clip(tmp_path / "videos" / f"{name}.mp4", seed=len(name) % 2)
+    monkeypatch.setattr(decode_pool, "decode_video", functools.partial(die_on, "aa", None))
+    monkeypatch.setattr(extraction, "encode_batch", _slow_down(extraction.encode_batch, 0.2))
+    result = extract_directory_embeddings(tmp_path / "videos", tmp_path / "out", model=model, num_workers=workers,
+                                          parallel_batches=1, progress=False)
+    assert (result["processed"], result["failed"]) == (3, 2), result
+    assert sorted(e["video_path"].rsplit("/", 1)[1] for e in result["errors"]) == ["aa1.mp4", "aa2.mp4"]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*_embedding.npy")) == [
+        "b1_embedding.npy", "b2_embedding.npy", "b3_embedding.npy"]
+
+
+def test_workers_that_cannot_run_at_all_are_one_line_error(tmp_path, monkeypatch):
+    """Every worker dies, also on a probe: the pool says so in one line (no traceback in the CLI)."""
+    import modules.decode_pool as decode_pool
+
+    monkeypatch.setattr(decode_pool, "decode_video", functools.partial(die_on, "", None))
+    monkeypatch.setattr(decode_pool, "_probe_worker", _die_now)
+    with pytest.raises(decode_pool.DecodeWorkersError, match="cannot run here: rerun with --num_workers 0"):
+        list(decode_pool.decode_stream([str(_clip(tmp_path / f"v{i}.mp4")) for i in range(4)],
+                                       _small_config(), num_workers=1))
+
+
 def test_batch_retrieval_survives_a_decode_worker_killed_mid_run(model, tmp_path, monkeypatch):
     """Batch retrieval with a slow consumer: the victim's pairs are errors, every other pair succeeds."""
     import modules.decode_pool as decode_pool

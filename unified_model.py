@@ -522,10 +522,13 @@ class GroupSpans:
 
 
 def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarray, torch.Tensor],
-                sampled: SampledVideo) -> GroupSpans:
+                sampled: SampledVideo, *, offset: float = 0.0) -> GroupSpans:
     """The one rule from frame groups (positions 0..N-1 in the sampled frame list) to original
     frame numbers and seconds; ``sampled`` needs only frame_indices, timestamps, duration
-    (and num_frames: a one-frame video is one instant, so its groups span 0 s)."""
+    (and num_frames: a one-frame video is one instant, so its groups span 0 s).
+
+    ``offset`` (seconds) is added to start_times / end_times: a long video's window passes its
+    start time and its own duration, so its groups' seconds are the original video's."""
     indices = np.asarray(sampled.frame_indices, dtype=np.int64)
     times = np.asarray(sampled.timestamps, dtype=np.float64)
     reps = np.asarray(representatives, dtype=np.int64)
@@ -536,8 +539,8 @@ def group_spans(groups: Sequence[Sequence[int]], representatives: Union[np.ndarr
         timestamps=times[reps],
         start_frames=np.array([indices[g[0]] for g in groups], dtype=np.int64),
         end_frames=np.array([indices[g[-1]] for g in groups], dtype=np.int64),
-        start_times=np.array([start for start, _ in spans], dtype=np.float64),
-        end_times=np.array([end for _, end in spans], dtype=np.float64),
+        start_times=np.array([offset + start for start, _ in spans], dtype=np.float64),
+        end_times=np.array([offset + end for _, end in spans], dtype=np.float64),
     )
 
 

@@ -233,7 +233,9 @@ def encode_window_batch(model, frames: np.ndarray):
 
 def _window_rows(batch: Sequence[SampledWindow], features, duration_of) -> List[Dict[str, Any]]:
     """Per window of a forwarded batch: its embedding, group features and group spans."""
-    from unified_model import group_time_span
+    from types import SimpleNamespace
+
+    from unified_model import group_spans
 
     emb = features.video_embeddings.detach().cpu().numpy().astype(np.float32)
     feats = features.frame_features.detach().cpu().numpy().astype(np.float32)
@@ -242,18 +244,17 @@ def _window_rows(batch: Sequence[SampledWindow], features, duration_of) -> List[
     rows = []
     for i, sw in enumerate(batch):
         w = sw.window
-        groups = features.groups[i]
-        num = len(sw.frame_indices)
-        spans = [group_time_span(g, duration_of(w), num) for g in groups]
+        # the window as the sampled video of group_spans: its frames, its duration (no
+        # num_frames: a window's groups always span their share of the window), its start as offset
+        sampled = SimpleNamespace(frame_indices=sw.frame_indices, timestamps=sw.timestamps, duration=duration_of(w))
+        spans = group_spans(features.groups[i], reps[i], sampled, offset=w.start_time)
         rows.append({
             "index": w.index, "start_time": w.start_time, "end_time": w.end_time,
             "start_frame": w.first, "end_frame": w.last, "size": w.num_frames,
             "embedding": emb[i], "group_features": feats[i], "group_sizes": sizes[i],
-            "group_frames": sw.frame_indices[reps[i]], "group_timestamps": sw.timestamps[reps[i]],
-            "group_start_frames": np.array([sw.frame_indices[g[0]] for g in groups], dtype=np.int64),
-            "group_end_frames": np.array([sw.frame_indices[g[-1]] for g in groups], dtype=np.int64),
-            "group_start_times": np.array([w.start_time + s for s, _ in spans], dtype=np.float64),
-            "group_end_times": np.array([w.start_time + e for _, e in spans], dtype=np.float64),
+            "group_frames": spans.frames, "group_timestamps": spans.timestamps,
+            "group_start_frames": spans.start_frames, "group_end_frames": spans.end_frames,
+            "group_start_times": spans.start_times, "group_end_times": spans.end_times,
             "sampled_frame_indices": sw.frame_indices, "sampled_timestamps": sw.timestamps,
         })
     return rows

@@ -14,6 +14,7 @@ same settings is reused as is.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from typing import Dict, List, Tuple, Union
 import numpy as np
 from tqdm import tqdm
 
+from modules.atomic_io import atomic_write, save_json_atomic
 from modules.synthetic_video import DIRECTIONS, MovingShape, moving_shapes_frames, encode_video
 
 __all__ = [
@@ -98,13 +100,14 @@ def _jitter(point: Tuple[float, float], rng: np.random.Generator, amount: float)
 
 
 def _write_csv(path: Path, clips: List[SyntheticClip]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["video_path", "caption"])
-        for clip in clips:
-            writer.writerow([clip.video_path, clip.caption])
-    os.replace(tmp, path)
+    """The split's CSV, written atomically; bytes as csv.writer makes them (\r\n rows, on
+    every platform: binary, so no newline translation)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["video_path", "caption"])
+    for clip in clips:
+        writer.writerow([clip.video_path, clip.caption])
+    atomic_write(path, lambda fh: fh.write(text.getvalue().encode("utf-8")))
 
 
 def generate_synthetic_dataset(
@@ -171,8 +174,6 @@ def generate_synthetic_dataset(
         clips.append(SyntheticClip(rel, caption, color, shape, motion, split))
     _write_csv(train_csv, [c for c in clips if c.split == "train"])
     _write_csv(val_csv, [c for c in clips if c.split == "val"])
-    tmp = meta_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"settings": settings, "clips": [asdict(c) for c in clips]}, indent=1), encoding="utf-8")
-    os.replace(tmp, meta_path)
+    save_json_atomic(meta_path, {"settings": settings, "clips": [asdict(c) for c in clips]}, indent=1)
     logger.info("wrote %d synthetic clips (%d validation) to %s", num_videos, num_val, root)
     return SyntheticDataset(str(root), str(train_csv), str(val_csv), tuple(clips))

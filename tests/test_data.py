@@ -113,6 +113,28 @@ def test_synthetic_generator(tmp_path):
     assert again.clips == data.clips and os.path.getmtime(data.train_csv) == stamp  # reused, not rewritten
 
 
+def test_synthetic_generator_writes_through_atomic_io(tmp_path, monkeypatch):
+    """train.csv, val.csv and metadata.json are renamed into place from temp files of the
+    project's one temp-name pattern (modules.atomic_io), and no temp file is left behind."""
+    from modules.atomic_io import is_temp_name
+
+    renamed = []
+    real_replace = os.replace
+
+    def spy(src, dst):
+        renamed.append((os.path.basename(os.fspath(src)), os.path.basename(os.fspath(dst))))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", spy)
+    data = generate_synthetic_dataset(tmp_path / "syn", num_videos=3, num_val=1, seed=0, size=(32, 32), num_frames=4)
+    finals = {"train.csv", "val.csv", "metadata.json"}
+    assert {dst for _, dst in renamed if dst in finals} == finals
+    assert all(is_temp_name(src) == os.getpid() for src, dst in renamed if dst in finals), renamed
+    assert sorted(os.listdir(data.root)) == ["metadata.json", "train.csv", "val.csv", "videos"]
+    with open(data.train_csv, "rb") as fh:
+        assert fh.read().startswith(b"video_path,caption\r\nvideos/clip_00000.mp4,")  # csv.writer's bytes
+
+
 def test_epoch_batch_sampler_is_reproducible_and_shards():
     a = list(EpochBatchSampler(20, 4, seed=1, epoch=0))
     assert a == list(EpochBatchSampler(20, 4, seed=1, epoch=0)) and len(a) == 5

@@ -70,3 +70,38 @@ def test_two_processes_identical_weights_and_equal_to_one_process(tmp_path):
     update_ddp = torch.cat([r0["state"][n].flatten() for n in names]) - start
     moved = float(update_one.norm())
     assert moved > 0 and float((update_one - update_ddp).norm()) < 0.02 * moved
+
+
+def test_torchrun_device_honours_config_device(monkeypatch):
+    """Issue 9 point 3: under torchrun, ``--device auto`` takes the config's ``device`` exactly
+    as a single process does; "auto" there means this rank's GPU (cuda:LOCAL_RANK). CUDA and
+    torchrun's environment are faked and the group's set-up is recorded, not run."""
+    import torch.distributed as dist
+
+    from config import from_dict
+    from modules import distributed
+    from modules.distributed import choose_device, detect_env, init_distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for key, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    joined, chosen = [], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+
+    on_cpu, on_auto = from_dict({"device": "cpu"}), from_dict({"device": "auto"})
+    env = detect_env()
+    assert env.mode == "torchrun" and env.distributed and env.local_rank == 1
+    assert choose_device("auto", on_cpu, env) == torch.device("cpu")
+    assert choose_device("auto", on_auto, env) == torch.device("cuda", 1)
+    assert choose_device("cpu", on_auto, env) == torch.device("cpu")  # an explicit --device wins
+
+    env = init_distributed("auto", on_cpu)
+    assert (env.device, env.backend, env.rank, env.world_size) == (torch.device("cpu"), "gloo", 1, 2)
+    assert joined[-1][0] == "gloo" and joined[-1][1]["rank"] == 1 and chosen == []
+    env = init_distributed("auto", on_auto)
+    assert (env.device, env.backend) == (torch.device("cuda", 1), "nccl")
+    assert joined[-1][0] == "nccl" and chosen == [torch.device("cuda", 1)]
+    assert distributed.dist is dist  # the module's group calls are the ones faked here

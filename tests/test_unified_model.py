@@ -266,3 +266,23 @@ def test_untrained_models_agree_across_builds(default_model, clip_state):
         assert torch.equal(a, b), name
     other = UnifiedTempMeSTOPModel(_config(num_segments=32), clip_state, init_seed=1)
     assert not torch.equal(other.temporal_prompts.base_prompts, again.temporal_prompts.base_prompts)
+
+
+def test_group_spans_offset_shifts_seconds_only():
+    """A long video's window passes its start as ``offset``: its groups' seconds move by it,
+    frame numbers and timestamps do not (the one rule long_video and rank_hits share)."""
+    from types import SimpleNamespace
+
+    from unified_model import group_spans
+
+    sampled = SimpleNamespace(frame_indices=np.array([3, 9, 15, 21], dtype=np.int64),
+                              timestamps=np.array([0.1, 0.3, 0.5, 0.7]), duration=0.8)
+    groups, reps = [[0, 1], [2], [3]], np.array([1, 2, 3])
+    here = group_spans(groups, reps, sampled)
+    there = group_spans(groups, reps, sampled, offset=100.0)
+    np.testing.assert_allclose(here.start_times, [0.0, 0.4, 0.6])
+    np.testing.assert_allclose(here.end_times, [0.4, 0.6, 0.8])
+    np.testing.assert_array_equal(there.start_times, 100.0 + here.start_times)
+    np.testing.assert_array_equal(there.end_times, 100.0 + here.end_times)
+    for name in ("frames", "timestamps", "start_frames", "end_frames"):
+        np.testing.assert_array_equal(getattr(there, name), getattr(here, name))

@@ -384,9 +384,9 @@ def local_weights_files(setting: Optional[str]) -> List[str]:
     if not setting or setting == "random" or setting.startswith(OPEN_CLIP_PREFIX):
         return []
     path = os.path.expanduser(setting[len(TEMPME_PREFIX):] if setting.startswith(TEMPME_PREFIX) else setting)
-    if os.path.isdir(path):
-        weights = _folder_weights_file(path)
-        return [os.path.join(path, "config.json")] + ([weights] if weights else [])
+    if os.path.isdir(path):  # only what exists: a folder missing a file is refused where it loads
+        config = os.path.join(path, "config.json")
+        return [f for f in (config, _folder_weights_file(path)) if f is not None and os.path.isfile(f)]
     return [path] if os.path.isfile(path) else []
 
 

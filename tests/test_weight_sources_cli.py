@@ -247,6 +247,26 @@ def test_truncated_weights_file_exits_2_naming_it(workspace, capsys):
     assert not list((folder / "out").glob("*embedding*")) and not (folder / "ckpt").exists()  # no outputs
 
 
+def test_a_folder_without_config_json_exits_2_naming_it(workspace, capsys):
+    """A Hugging Face folder missing its config.json: one line naming the folder in every script
+    (extraction and inference raised FileNotFoundError on the identity hash before, exit 1)."""
+    folder = workspace / "no_config"
+    (folder / "weights").mkdir(parents=True)
+    (folder / "weights" / "model.safetensors").write_bytes(b"\0" * 64)
+    config = _tiny_config(workspace, "no_config", None)
+    video = workspace / "videos" / "clip.mp4"
+    runs = {
+        "extract_video_embeddings": ["--video_dir", video.parent, "--output_dir", folder / "out", "--config_path", config,
+                                     "--num_workers", "0"],
+        "inference": ["--video_path", video, "--query", QUERY, "--config_path", config],
+        "train_unified_model": ["--config", config],
+    }
+    for script, argv in runs.items():
+        code, stdout, stderr = _run(script, [*argv, "--clip_weights", folder / "weights", "--device", "cpu"], capsys)
+        assert code == 2, (script, stdout, stderr)
+        assert stderr.count("\n") == 1 and "has no config.json" in stderr and str(folder / "weights") in stderr, (script, stderr)
+
+
 def test_tempme_clip_gives_way_to_weights_a_config_names(monkeypatch):
     """The CLIP inside a TempMe checkpoint is used when the config names none, and the config
     then says where it came from (a training run records it); weights a config names replace

@@ -462,8 +462,10 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
     """The extraction's model stage for one long video -> ``writers.VideoResult``.
 
     Success carries the video embedding and ``extra["windows"]`` (the :class:`WindowTable`);
-    a file that cannot be decoded, or a model error, gives a failed result with a one-line
-    reason (never raises for the video's sake).
+    an incomplete table (a truncated file: embedded from the windows it could decode) also
+    carries its note as the result's ``warning``, the summary's field for short truncated
+    files (the window stream has logged it). A file that cannot be decoded, or a model
+    error, gives a failed result with a one-line reason (never raises for the video's sake).
     """
     from modules.errors import one_line
     from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
@@ -483,7 +485,7 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
     logger.info("%s: %d windows of %g s, %d of %d frames decoded", entry.path, table.num_windows, window[0],
                 table.stats["decoded_frames"], table.num_frames)
     return VideoResult.of(entry, "success", None, time.perf_counter() - start, embedding=table.embedding,
-                          extra={"windows": table})
+                          extra={"windows": table}, warning=None if table.complete else table.note)
 
 
 def _moment_dict(m: Moment) -> Dict[str, Any]:

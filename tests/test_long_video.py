@@ -215,6 +215,39 @@ def test_directory_run_writes_the_window_table(tmp_path, model):
                                model.extract_video_embedding(videos / "short.mp4"), atol=1e-6)
 
 
+def test_truncated_long_file_is_a_warning_in_the_summary(tmp_path, model, caplog):
+    """A windowed video whose window table is incomplete is embedded from the windows it could
+    decode, and says so where short truncated files do: its summary row's warning (and one
+    logged line naming the file)."""
+    import json
+    import logging
+
+    from modules.extraction import extract_directory_embeddings
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    full = write_video(tmp_path / "full.mp4", 500, fps=FPS, size=(64, 48), gop=25,  # 20 s
+                       container_options={"movflags": "+faststart"})
+    write_truncated(full, videos / "cut.mp4", keep_fraction=0.45)
+    write_video(videos / "whole.mp4", 100, fps=FPS, size=(64, 48), gop=25)  # 4 s, complete
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        result = extract_directory_embeddings(videos, out, model=model, num_workers=0, summary=True,
+                                              window_seconds=2.0, progress=False)
+    assert result["processed"] == 2 and result["failed"] == 0
+    with np.load(out / "cut_windows.npz", allow_pickle=False) as npz:
+        table = WindowTable.from_arrays(dict(npz))
+    assert not table.complete and 1 <= table.num_windows < 10
+    np.testing.assert_allclose(np.load(out / "cut_embedding.npy"), table.embedding, atol=1e-6)
+    rows = {v["name"]: v for v in json.loads((out / "extraction_summary.json").read_text())["videos"]}
+    assert rows["cut"]["status"] == "success"
+    warning = rows["cut"]["warning"]
+    assert warning == table.note and f"readable timeline ends at {table.duration:.1f} s" in warning
+    assert rows["whole"]["warning"] is None
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "cut.mp4" in r.getMessage()]
+    assert len(logged) == 1 and table.note in logged[0]
+
+
 def test_resume_after_sigkill_in_a_long_video_redoes_only_that_video(tmp_path):
     import os
     import signal

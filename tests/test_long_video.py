@@ -179,6 +179,66 @@ def test_windows_are_encoded_like_short_videos_of_their_frames(model, clip10s):
         np.testing.assert_array_equal(getattr(again, name), getattr(table, name))
 
 
+def test_batched_windows_match_one_window_per_forward(model, clip10s):
+    one = encode_long_video(model, clip10s, window_seconds=1.0, batch_windows=1, parallel_batches=1)
+    batched = encode_long_video(model, clip10s, window_seconds=1.0, batch_windows=4, parallel_batches=1)
+    assert one.num_windows == batched.num_windows == 10  # batches of 4, 4 and 2
+    np.testing.assert_array_equal(batched.start_times, one.start_times)
+    np.testing.assert_array_equal(batched.sampled_frame_indices, one.sampled_frame_indices)
+    # batch shapes change float rounding (and near-tied merges of the random test model)
+    np.testing.assert_allclose(batched.embeddings, one.embeddings, atol=2e-4)
+    np.testing.assert_allclose(batched.group_features, one.group_features, atol=2e-4)
+    np.testing.assert_allclose(batched.embedding, one.embedding, atol=2e-4)
+
+
+def test_windows_per_forward_default_is_one_on_cpu_and_a_batch_on_cuda(model, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from modules.long_video import MAX_WINDOW_BATCH, default_batch_windows
+
+    assert default_batch_windows(model) == 1  # CPU: one window per forward, lanes side by side
+    assert default_batch_windows(model, device_batch=8) == 1  # whatever the extraction's batch
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0), config=model.config, clip=model.clip,
+                              temporal_prompts=model.temporal_prompts)
+    assert default_batch_windows(on_cuda, device_batch=8) == 8  # the extraction's device batch
+    assert default_batch_windows(on_cuda, device_batch=500) == MAX_WINDOW_BATCH > 1  # capped
+    assert default_batch_windows(on_cuda, device_batch=1) == 1
+    # none given: what free device memory holds (device_feed.device_batch_size), capped
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    assert default_batch_windows(on_cuda) == MAX_WINDOW_BATCH
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 16 << 30))
+    assert default_batch_windows(on_cuda) == 1  # nothing free: one at a time, never 0
+
+
+def test_extraction_passes_its_windows_per_forward(tmp_path, model, monkeypatch):
+    """The directory run batches a long video's windows by ``default_batch_windows`` of its
+    model and device batch (on CUDA the device batch; here faked on CPU)."""
+    import modules.long_video as long_video
+    from modules.extraction import extract_directory_embeddings
+
+    asked, used = [], []
+    real = long_video.encode_long_video
+
+    def default(m, device_batch=None):
+        asked.append(device_batch)
+        return 3
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["batch_windows"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(long_video, "default_batch_windows", default)
+    monkeypatch.setattr(long_video, "encode_long_video", recording)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "long.mp4", 100, fps=FPS, size=(64, 48), gop=25)
+    result = extract_directory_embeddings(videos, tmp_path / "out", model=model, num_workers=0, batch_size=5,
+                                          window_seconds=1.0, progress=False)
+    assert result["processed"] == 1 and asked == [5] and used == [3]
+
+
 # ----------------------------------------------------------------------------- the directory pipeline
 
 

@@ -331,9 +331,11 @@ def run_extraction(plan: ExtractionPlan):
 
 def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, DeviceLane], tally: _Tally,
                    model) -> None:
-    from modules.long_video import encode_windowed_result
+    from modules.long_video import default_batch_windows, encode_windowed_result
 
     by_path = {e.path: e for e in plan.pending}
+    # long videos: their windows share a forward on CUDA (the device batch), one each on CPU
+    windows_per_forward = default_batch_windows(model, plan.batch_size)
     batch: List[Tuple[VideoEntry, DecodedVideo]] = []
     with lane_threads(plan.lanes):
         for (path, *_), decoded in stream:
@@ -342,7 +344,7 @@ def _encode_stream(plan: ExtractionPlan, stream, forwards: Union[ForwardLanes, D
                 tally.record(VideoResult.of(entry, "failed", decoded.error, decoded.seconds))
                 continue
             if decoded.window is not None:  # a long video: decoded here, window by window
-                tally.write(encode_windowed_result(model, entry, decoded.window, plan.lanes))
+                tally.write(encode_windowed_result(model, entry, decoded.window, plan.lanes, windows_per_forward))
                 continue
             batch.append((entry, decoded))
             if len(batch) >= plan.batch_size:

@@ -16,8 +16,10 @@ embedding is returned as it is (identical to the unwindowed embedding).
 Overlap and memory: a background thread decodes while the model runs; it hands over
 windows through a queue of ``prefetch`` windows, so decoding window k+1 overlaps the
 forward of window k. On CPU the windows go through ``parallel_batches`` single-threaded
-forwards side by side (the directory pipeline's ``ForwardLanes``: on a few shared cores
-they beat one forward split across the cores). At most ``prefetch`` queued windows,
+forwards side by side, one window each (the directory pipeline's ``ForwardLanes``: on a few
+shared cores they beat one forward split across the cores); on CUDA one lane runs
+:func:`default_batch_windows` windows per forward (the device batch, at most
+``MAX_WINDOW_BATCH``). At most ``prefetch`` queued windows,
 the batch being assembled, the lanes' batches and the window being decoded hold frames
 at once (about 4.8 MB per window at 32 frames of 224 x 224), whatever the length.
 
@@ -46,11 +48,13 @@ from modules.writers import WINDOWS_SUFFIX  # per-video window table, named by t
 __all__ = [
     "AUTO_WINDOW_THRESHOLD",
     "AUTO_WINDOW_SECONDS",
+    "MAX_WINDOW_BATCH",
     "WindowTable",
     "Moment",
     "combine_window_embeddings",
     "encode_window_batch",
     "encode_long_video",
+    "default_batch_windows",
     "resolve_window",
     "window_moments",
     "video_window",
@@ -69,6 +73,26 @@ PathLike = Union[str, os.PathLike]
 AUTO_WINDOW_THRESHOLD = 600.0
 #: window length (seconds) of the automatic rule: 12 groups of 2.5 s each
 AUTO_WINDOW_SECONDS = 30.0
+#: most windows per forward on CUDA: 16 x 32 frames already fill a large card, and the host
+#: holds about three batches of frames (queued, being assembled, in the forward): ~230 MB
+MAX_WINDOW_BATCH = 16
+
+
+def default_batch_windows(model, device_batch: Optional[int] = None) -> int:
+    """Windows per model forward for ``model``.
+
+    CPU: 1 (one window already fills the matrix units; the lanes run windows side by side,
+    the measured best, ``benchmarks/RESULTS.md``). CUDA: ``device_batch`` (videos per
+    forward; a window is one video for the model), by default what free device memory holds
+    (``device_feed.device_batch_size``), capped at ``MAX_WINDOW_BATCH``; at least 1.
+    """
+    if model.device.type != "cuda":
+        return 1
+    if device_batch is None:
+        from modules.device_feed import device_batch_size
+
+        device_batch = device_batch_size(model)
+    return max(1, min(MAX_WINDOW_BATCH, int(device_batch)))
 
 
 def resolve_window(window_seconds: Optional[float], duration: float) -> Optional[float]:
@@ -286,7 +310,7 @@ def _produce(stream: WindowStream, out: "queue.Queue", stop: threading.Event) ->
 
 
 def encode_long_video(model, path: PathLike, window_seconds: float, window_stride: Optional[float] = None,
-                      batch_windows: int = 1, parallel_batches: Optional[int] = None, prefetch: Optional[int] = None,
+                      batch_windows: Optional[int] = None, parallel_batches: Optional[int] = None, prefetch: Optional[int] = None,
                       decoder_threads: int = 1) -> WindowTable:
     """Encode a video as a timeline of windows in one decoding pass.
 
@@ -294,8 +318,8 @@ def encode_long_video(model, path: PathLike, window_seconds: float, window_strid
         model: a ``UnifiedTempMeSTOPModel`` (eval mode).
         path: video file.
         window_seconds: W seconds per window; window_stride: S in (0, W] (None = W).
-        batch_windows: windows per model forward (on CPU one window already fills the
-            matrix units).
+        batch_windows: windows per model forward (None: :func:`default_batch_windows`, 1 on
+            CPU, the device batch on CUDA).
         parallel_batches: forwards running side by side (None: one per torch thread on
             CPU, at most 4, each on one thread; 1 on CUDA), as the directory pipeline runs.
         prefetch: decoded windows queued ahead of the model (None: one lane's worth more
@@ -315,6 +339,7 @@ def encode_long_video(model, path: PathLike, window_seconds: float, window_strid
     stride = check_window_args(window_seconds, window_stride)
     on_cpu = model.device.type == "cpu"
     lanes = (parallel_batches or default_parallel_batches()) if on_cpu else 1
+    batch_windows = default_batch_windows(model) if batch_windows is None else batch_windows
     prefetch = lanes * batch_windows + 1 if prefetch is None else prefetch
     if batch_windows < 1 or prefetch < 1 or lanes < 1:
         raise ValueError(f"batch_windows, parallel_batches and prefetch must be >= 1, "
@@ -459,12 +484,18 @@ def frames_payload_from_table(table: WindowTable) -> Dict[str, np.ndarray]:
     }
 
 
-def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Optional[int] = None):
+def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Optional[int] = None,
+                           batch_windows: Optional[int] = None):
     """The extraction's model stage for one long video -> ``writers.VideoResult``.
 
+    ``lanes``, ``batch_windows`` as ``parallel_batches``, ``batch_windows`` of
+    :func:`encode_long_video`.
+
     Success carries the video embedding and ``extra["windows"]`` (the :class:`WindowTable`);
-    a file that cannot be decoded, or a model error, gives a failed result with a one-line
-    reason (never raises for the video's sake).
+    an incomplete table (a truncated file: embedded from the windows it could decode) also
+    carries its note as the result's ``warning``, the summary's field for short truncated
+    files (the window stream has logged it). A file that cannot be decoded, or a model
+    error, gives a failed result with a one-line reason (never raises for the video's sake).
     """
     from modules.errors import one_line
     from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
@@ -473,7 +504,8 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
 
     start = time.perf_counter()
     try:
-        table = encode_long_video(model, entry.path, window[0], window[1], parallel_batches=lanes)
+        table = encode_long_video(model, entry.path, window[0], window[1], batch_windows=batch_windows,
+                                  parallel_batches=lanes)
     except VideoDecodeError as err:
         return VideoResult.of(entry, "failed", one_line(err.reason), time.perf_counter() - start)
     except Exception as err:  # noqa: BLE001 - recorded per video
@@ -484,7 +516,7 @@ def encode_windowed_result(model, entry, window: Tuple[float, float], lanes: Opt
     logger.info("%s: %d windows of %g s, %d of %d frames decoded", entry.path, table.num_windows, window[0],
                 table.stats["decoded_frames"], table.num_frames)
     return VideoResult.of(entry, "success", None, time.perf_counter() - start, embedding=table.embedding,
-                          extra={"windows": table})
+                          extra={"windows": table}, warning=None if table.complete else table.note)
 
 
 def _moment_dict(m: Moment) -> Dict[str, Any]:

@@ -179,6 +179,66 @@ def test_windows_are_encoded_like_short_videos_of_their_frames(model, clip10s):
         np.testing.assert_array_equal(getattr(again, name), getattr(table, name))
 
 
+def test_batched_windows_match_one_window_per_forward(model, clip10s):
+    one = encode_long_video(model, clip10s, window_seconds=1.0, batch_windows=1, parallel_batches=1)
+    batched = encode_long_video(model, clip10s, window_seconds=1.0, batch_windows=4, parallel_batches=1)
+    assert one.num_windows == batched.num_windows == 10  # batches of 4, 4 and 2
+    np.testing.assert_array_equal(batched.start_times, one.start_times)
+    np.testing.assert_array_equal(batched.sampled_frame_indices, one.sampled_frame_indices)
+    # batch shapes change float rounding (and near-tied merges of the random test model)
+    np.testing.assert_allclose(batched.embeddings, one.embeddings, atol=2e-4)
+    np.testing.assert_allclose(batched.group_features, one.group_features, atol=2e-4)
+    np.testing.assert_allclose(batched.embedding, one.embedding, atol=2e-4)
+
+
+def test_windows_per_forward_default_is_one_on_cpu_and_a_batch_on_cuda(model, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    from modules.long_video import MAX_WINDOW_BATCH, default_batch_windows
+
+    assert default_batch_windows(model) == 1  # CPU: one window per forward, lanes side by side
+    assert default_batch_windows(model, device_batch=8) == 1  # whatever the extraction's batch
+    on_cuda = SimpleNamespace(device=torch.device("cuda", 0), config=model.config, clip=model.clip,
+                              temporal_prompts=model.temporal_prompts)
+    assert default_batch_windows(on_cuda, device_batch=8) == 8  # the extraction's device batch
+    assert default_batch_windows(on_cuda, device_batch=500) == MAX_WINDOW_BATCH > 1  # capped
+    assert default_batch_windows(on_cuda, device_batch=1) == 1
+    # none given: what free device memory holds (device_feed.device_batch_size), capped
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 << 30, 16 << 30))
+    assert default_batch_windows(on_cuda) == MAX_WINDOW_BATCH
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, 16 << 30))
+    assert default_batch_windows(on_cuda) == 1  # nothing free: one at a time, never 0
+
+
+def test_extraction_passes_its_windows_per_forward(tmp_path, model, monkeypatch):
+    """The directory run batches a long video's windows by ``default_batch_windows`` of its
+    model and device batch (on CUDA the device batch; here faked on CPU)."""
+    import modules.long_video as long_video
+    from modules.extraction import extract_directory_embeddings
+
+    asked, used = [], []
+    real = long_video.encode_long_video
+
+    def default(m, device_batch=None):
+        asked.append(device_batch)
+        return 3
+
+    def recording(*args, **kwargs):
+        used.append(kwargs["batch_windows"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(long_video, "default_batch_windows", default)
+    monkeypatch.setattr(long_video, "encode_long_video", recording)
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "long.mp4", 100, fps=FPS, size=(64, 48), gop=25)
+    result = extract_directory_embeddings(videos, tmp_path / "out", model=model, num_workers=0, batch_size=5,
+                                          window_seconds=1.0, progress=False)
+    assert result["processed"] == 1 and asked == [5] and used == [3]
+
+
 # ----------------------------------------------------------------------------- the directory pipeline
 
 
@@ -213,6 +273,39 @@ def test_directory_run_writes_the_window_table(tmp_path, model):
     # a video shorter than a window is one window equal to the unwindowed embedding
     np.testing.assert_allclose(np.load(out / "short_embedding.npy"),
                                model.extract_video_embedding(videos / "short.mp4"), atol=1e-6)
+
+
+def test_truncated_long_file_is_a_warning_in_the_summary(tmp_path, model, caplog):
+    """A windowed video whose window table is incomplete is embedded from the windows it could
+    decode, and says so where short truncated files do: its summary row's warning (and one
+    logged line naming the file)."""
+    import json
+    import logging
+
+    from modules.extraction import extract_directory_embeddings
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    full = write_video(tmp_path / "full.mp4", 500, fps=FPS, size=(64, 48), gop=25,  # 20 s
+                       container_options={"movflags": "+faststart"})
+    write_truncated(full, videos / "cut.mp4", keep_fraction=0.45)
+    write_video(videos / "whole.mp4", 100, fps=FPS, size=(64, 48), gop=25)  # 4 s, complete
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        result = extract_directory_embeddings(videos, out, model=model, num_workers=0, summary=True,
+                                              window_seconds=2.0, progress=False)
+    assert result["processed"] == 2 and result["failed"] == 0
+    with np.load(out / "cut_windows.npz", allow_pickle=False) as npz:
+        table = WindowTable.from_arrays(dict(npz))
+    assert not table.complete and 1 <= table.num_windows < 10
+    np.testing.assert_allclose(np.load(out / "cut_embedding.npy"), table.embedding, atol=1e-6)
+    rows = {v["name"]: v for v in json.loads((out / "extraction_summary.json").read_text())["videos"]}
+    assert rows["cut"]["status"] == "success"
+    warning = rows["cut"]["warning"]
+    assert warning == table.note and f"readable timeline ends at {table.duration:.1f} s" in warning
+    assert rows["whole"]["warning"] is None
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "cut.mp4" in r.getMessage()]
+    assert len(logged) == 1 and table.note in logged[0]
 
 
 def test_resume_after_sigkill_in_a_long_video_redoes_only_that_video(tmp_path):

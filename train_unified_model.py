@@ -204,7 +204,7 @@ def _run(args: argparse.Namespace, trainers: List[Any]) -> int:
             metrics = trainer.evaluate()
             if env.is_main:
                 _print_metrics(metrics, "validation")
-                path = args.metrics_json or os.path.join(config.training.checkpoint_dir, "eval_metrics.json")
+                path = args.metrics_json or os.path.join(trainer.cfg.checkpoint_dir, "eval_metrics.json")
                 _write_metrics(metrics, path)
                 print(f"metrics written to {path}")
             return EXIT_OK
@@ -215,7 +215,7 @@ def _run(args: argparse.Namespace, trainers: List[Any]) -> int:
             return EXIT_FAILED
         if env.is_main:
             print(f"trained {_plural(summary['step'], 'step')} ({trainer.mode}); checkpoints in "
-                  f"{config.training.checkpoint_dir}")
+                  f"{trainer.cfg.checkpoint_dir}")
             if summary["metrics"] is not None:
                 _print_metrics(summary["metrics"], f"validation after {_plural(summary['step'], 'step')}")
         return EXIT_OK

@@ -30,6 +30,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import glob
 import logging
 import os
@@ -154,12 +156,12 @@ class Trainer:
                  clip_state_dict: Optional[Dict[str, torch.Tensor]] = None, resume: Optional[str] = None,
                  init_checkpoint: Optional[str] = None, env: Optional[DistEnv] = None, progress: bool = True,
                  log_dir: Any = None, need_train: bool = True, overwrite: bool = False) -> None:
-        self.config = config
-        if config.training is None:
-            config.training = TrainingConfig()
-        self.cfg = cfg = config.training
+        # a copy: the caller's config is never written to (nor its training section)
+        training = copy.deepcopy(config.training) if config.training is not None else TrainingConfig()
         if mode is not None:
-            cfg.training_mode = mode
+            training.training_mode = mode
+        self.config = config = dataclasses.replace(config, training=training)
+        self.cfg = cfg = training
         self.mode = cfg.training_mode
         self.env = env or DistEnv(device=resolve_device(config.device))
         self.device = self.env.device

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError, from_dict
+from config import ConfigError, UnifiedModelConfig, from_dict
 from modules.clip_archs import small_arch
 from modules.module_clip import random_state_dict
 from modules.training import (
@@ -280,6 +280,20 @@ def test_batch_larger_than_dataset_is_a_config_error(clip_state, tmp_path, data_
     with pytest.raises(ConfigError, match=r"^training\.batch_size"):
         Trainer(_config(tmp_path, data_dir, batch_size=64), "joint", clip_state_dict=clip_state, progress=False,
                 log_dir=False)
+
+
+def test_the_callers_config_is_not_written_to(clip_state, tmp_path, data_dir):
+    """The Trainer set the caller's training_mode (and a missing training section) in place,
+    also when it then raised; it works on a copy."""
+    config = _config(tmp_path, data_dir, batch_size=64)
+    before = config.to_dict()
+    with pytest.raises(ConfigError, match=r"^training\.batch_size"):
+        Trainer(config, "stop_only", clip_state_dict=clip_state, progress=False, log_dir=False)
+    assert config.to_dict() == before and config.training.training_mode != "stop_only"
+    bare = UnifiedModelConfig()
+    with pytest.raises(Exception):
+        Trainer(bare, "stop_only", clip_state_dict=clip_state, progress=False, log_dir=False)
+    assert bare.training is None
 
 
 # ----------------------------------------------------------------------------- command line

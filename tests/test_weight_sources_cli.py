@@ -78,17 +78,18 @@ def _tiny_config(root: Path, name: str, activation: Optional[str]) -> Path:
     return path
 
 
-def _open_clip(folder: Path) -> str:
+def _open_clip(folder: Path, seed: int = 11) -> str:
     pytest.importorskip("open_clip")
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
     with torch.random.fork_rng(devices=[]):
         # not seed 0: open_clip initialises as module_clip does, and random_state_dict(seed=0)
         # (what clip_weights "random" builds) would then be these very weights
-        torch.manual_seed(11)
+        torch.manual_seed(seed)
         model = CLIP(embed_dim=64, quick_gelu=False,  # open_clip's own models use GELU
                      vision_cfg=CLIPVisionCfg(layers=2, width=128, head_width=64, patch_size=16, image_size=SIZE),
                      text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2))
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "open_clip_tiny.pt"
     torch.save(model.state_dict(), path)  # a bare state dict: nothing in it says GELU
     return str(path)
@@ -105,14 +106,16 @@ def _hugging_face(folder: Path, seed: int = 12) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.CLIPModel(config)
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "hf_clip"
     model.save_pretrained(str(path))  # config.json + model.safetensors
     return str(path)
 
 
-def _mmaction2(folder: Path) -> str:
+def _mmaction2(folder: Path, seed: int = 3) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "clip4clip.pth"
-    state = {"clip." + k: v for k, v in random_state_dict(TINY_ARCH, seed=3).items()}
+    state = {"clip." + k: v for k, v in random_state_dict(TINY_ARCH, seed=seed).items()}
     torch.save({"meta": {"epoch": 5, "seed": np.int64(3)}, "state_dict": state}, path)
     return str(path)
 
@@ -222,6 +225,21 @@ def test_extract_train_and_search_with_the_weights(source, workspace, capsys):
         trained_embedding = reference.extract_video_embedding(video)
         reference.clip.load_state_dict(random_state_dict(source.arch, seed=0))
         assert np.abs(reference.extract_video_embedding(video) - trained_embedding).max() > 1e-2
+
+    # training used these weights: the same run on other weights of the same layout trains the
+    # same initial tensors to other values (a Trainer that dropped its CLIP weights passed before)
+    if source.name == "tempme":
+        return  # its CLIP is inside the checkpoint with its LoRA; test_formats maps it tensor by tensor
+    maker = {"open_clip": _open_clip, "hugging_face": _hugging_face, "mmaction2": _mmaction2}[source.name]
+    other = maker(workspace / source.name / "other", seed=21)
+    code, stdout, stderr = _run("train_unified_model", ["--config", source.train_config, "--clip_weights", other,
+                                                        "--checkpoint_dir", workspace / source.name / "ckpt_other",
+                                                        "--device", "cpu", "--quiet"], capsys)
+    assert code == 0, stdout + stderr
+    theirs = read_checkpoint(workspace / source.name / "ckpt_other" / "last.pth")
+    assert theirs["config"]["clip_weights"] == other
+    moved = {k: float((payload["trainable"][k] - theirs["trainable"][k]).abs().max()) for k in payload["trainable"]}
+    assert max(moved.values()) > 1e-6, moved
 
 
 def test_truncated_weights_file_exits_2_naming_it(workspace, capsys):

@@ -265,6 +265,57 @@ def test_truncated_weights_file_exits_2_naming_it(workspace, capsys):
     assert not list((folder / "out").glob("*embedding*")) and not (folder / "ckpt").exists()  # no outputs
 
 
+@pytest.mark.parametrize("layout", ["hf_pytorch_model_bin", "open_clip_safetensors_file"])
+def test_other_file_layouts_through_extraction_and_inference(layout, workspace, capsys, monkeypatch):
+    """A Hugging Face folder holding pytorch_model.bin (no safetensors) and a single open_clip
+    .safetensors file: extraction and inference give the Python API's numbers, and the
+    safetensors file is read without unpickling anything."""
+    import pickle
+
+    folder = workspace / layout
+    if layout == "hf_pytorch_model_bin":
+        transformers = pytest.importorskip("transformers")
+        path = Path(_hugging_face(folder, seed=31))
+        model = transformers.CLIPModel.from_pretrained(str(path))
+        (path / "model.safetensors").unlink()
+        # what older transformers saved (newer ones write safetensors only): a torch.save'd state dict
+        torch.save(model.state_dict(), path / "pytorch_model.bin")
+        assert (path / "pytorch_model.bin").is_file() and not (path / "model.safetensors").exists()
+        activation = None
+    else:
+        from safetensors.torch import save_file
+
+        state = torch.load(_open_clip(folder, seed=32), weights_only=True)
+        path = folder / "open_clip.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        activation = "gelu"
+
+        def no_pickle(*args, **kwargs):
+            raise AssertionError("a .safetensors file was unpickled")
+
+        monkeypatch.setattr(pickle, "Unpickler", no_pickle)
+        monkeypatch.setattr(pickle, "loads", no_pickle)
+        monkeypatch.setattr(torch, "load", no_pickle)
+    config = _tiny_config(workspace, layout, activation)
+    video = workspace / "videos" / "clip.mp4"
+    out = folder / "out"
+    code, stdout, stderr = _run("extract_video_embeddings", ["--video_dir", video.parent, "--output_dir", out,
+                                                             "--config_path", config, "--clip_weights", path,
+                                                             "--device", "cpu", "--num_workers", "0", "--quiet"], capsys)
+    assert code == 0, stdout + stderr
+    reference = create_unified_model(config_path=str(config), clip_weights=str(path), device="cpu")
+    with torch.no_grad():
+        np.testing.assert_allclose(np.load(out / "clip_embedding.npy"), reference.extract_video_embedding(video), atol=1e-5)
+        hits = reference.retrieve(video, QUERY, top_k=2)
+    result_file = folder / "result.json"
+    code, stdout, stderr = _run("inference", ["--video_path", video, "--query", QUERY, "--config_path", config,
+                                              "--clip_weights", path, "--device", "cpu", "--top_k", "2",
+                                              "--output", result_file], capsys)
+    assert code == 0, stdout + stderr
+    [result] = json.loads(result_file.read_text())
+    np.testing.assert_allclose(result["scores"], [h.score for h in hits], atol=1e-5)
+
+
 def test_a_folder_without_config_json_exits_2_naming_it(workspace, capsys):
     """A Hugging Face folder missing its config.json: one line naming the folder in every script
     (extraction and inference raised FileNotFoundError on the identity hash before, exit 1)."""

@@ -132,7 +132,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = _check_mode(parser, args)
-    from modules.cli_support import check_config_file, check_dir, check_file, run_cli, setup_logging
+    from modules.cli_support import check_config_file, check_dir, check_file, check_output_file, run_cli, \
+        setup_logging
 
     setup_logging(args.verbose, args.quiet)
 
@@ -146,6 +147,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_dir(args.embeddings_dir, "embeddings directory")
         if args.image is not None:
             check_file(args.image, "image")
+        check_output_file(args.output)
         check_config_file(args.config_path)
         jobs = {"video_path": run_single, "batch_file": run_batch, "embeddings_dir": run_search, "demo": run_demo,
                 "index": run_index, "serve": run_serve}

@@ -19,7 +19,7 @@ import os
 import stat
 from typing import Any, Optional, Tuple, Type, Union
 
-__all__ = ["JSONInputError", "read_json_file", "read_output_json", "read_regular_file", "MAX_JSON_BYTES",
+__all__ = ["JSONInputError", "file_kind", "read_json_file", "read_output_json", "read_regular_file", "MAX_JSON_BYTES",
            "MAX_FOLDER_JSON_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
 #: the most bytes read from one config or batch file (a batch of 100k pairs fits)
@@ -36,7 +36,8 @@ class JSONInputError(ValueError):
     """A JSON file that cannot be used; ``str`` is one line naming the file."""
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file of ``os.stat`` mode ``mode`` is, for messages ("a FIFO (named pipe)", ...)."""
     for test, kind in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory")):
         if test(mode):
@@ -66,7 +67,7 @@ def _read_regular(path: str, what: str, max_bytes: int, error: Type[Exception]) 
     with os.fdopen(fd, "rb") as fh:
         info = os.fstat(fh.fileno())
         if not stat.S_ISREG(info.st_mode):
-            raise error(f"{path}: {what} is not a regular file: this is {_file_kind(info.st_mode)}")
+            raise error(f"{path}: {what} is not a regular file: this is {file_kind(info.st_mode)}")
         if info.st_size > max_bytes:
             raise error(f"{path}: {what} is larger than {max_bytes} bytes ({info.st_size})")
         try:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,21 @@ def test_non_utf8_names_and_lone_surrogate_queries_still_write_results(tmp_path,
     no_traceback(proc)
     (result,) = json.loads(single.read_bytes().decode("utf-8"))
     assert result["status"] == "success" and result["video_path"] == os.fspath(video)
+
+
+@pytest.mark.timeout(240)
+def test_output_that_is_not_a_regular_file_or_empty_is_refused_before_any_work(tmp_path, config):
+    """--output FIFO was replaced by a regular file (a device too: /dev/full as root), exit 0;
+    --output "" exited 0 writing nothing. Both are one-line usage errors before the model loads."""
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for output, words in ((fifo, "FIFO"), (folder, "directory"), ("", "--output is empty")):
+        proc = run_script(SCRIPT, ["--video_path", EXAMPLE, "--query", "a red circle", "--output", output,
+                                   "--config", config], timeout=120)
+        assert proc.returncode == 2, describe(proc)
+        no_traceback(proc)
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, describe(proc)
+        assert "INFERENCE RESULTS" not in proc.stdout, describe(proc)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir()

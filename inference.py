@@ -28,6 +28,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from modules.errors import printable
 
 __all__ = ["batch_retrieve_events", "build_parser", "main"]
 
@@ -167,7 +168,7 @@ def _write_json(path: str, obj) -> None:
     from modules.atomic_io import save_json_atomic
 
     save_json_atomic(path, obj)
-    print(f"Wrote {path}")
+    print(f"Wrote {printable(path)}")
 
 
 def run_single(args: argparse.Namespace) -> int:
@@ -204,7 +205,7 @@ def run_batch(args: argparse.Namespace) -> int:
         for r in results:
             tag = "ok   " if r["status"] == "success" else "ERROR"
             detail = f"frames {r['frames']}" if r["status"] == "success" else r["error"]
-            print(f"[{tag}] {r['video_path']} | '{r['query']}': {detail}")
+            print(f"[{tag}] {printable(r['video_path'])} | '{printable(r['query'])}': {printable(detail)}")
         _write_json(args.output, results)
     else:
         print(json.dumps(results, indent=2, ensure_ascii=False))
@@ -239,7 +240,7 @@ def run_index(args: argparse.Namespace) -> int:
     from modules import library_cli
 
     report = library_cli.run_index(args)
-    print(f"Library {report['library']}: {report['videos']} videos ({report['added']} added with "
+    print(f"Library {printable(report['library'])}: {report['videos']} videos ({report['added']} added with "
           f"{report['segments']} moments, {report['skipped']} already there, {report['failed']} unreadable"
           + (f", {report['other_model']} of another model left out" if report.get("other_model") else "") + ")")
     return 1 if report["failed"] else 0

@@ -24,7 +24,7 @@ import torch
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
 from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
-from modules.errors import one_line
+from modules.errors import one_line, printable
 from modules.json_input import MAX_FOLDER_JSON_BYTES, JSONInputError, read_json_file, read_output_json
 from modules.video_sampler import normalize_uint8
 from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY, read_embedding_file, read_meta
@@ -379,17 +379,18 @@ def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) 
     """The INFERENCE RESULTS report of one (video, query) result.
 
     top_k: the number of frames asked for; when the video has fewer frame groups the
-    report says that only those exist.
+    report says that only those exist. Paths, queries and errors are printed escaped
+    (``errors.printable``): a newline or ESC in a file name stays on its line.
     """
     lines = [
         "",
         "INFERENCE RESULTS",
         RULE,
-        f"Video: {result['video_path']}",
-        f"Query: '{result['query']}'",
+        f"Video: {printable(result['video_path'])}",
+        f"Query: '{printable(result['query'])}'",
     ]
     if result["status"] != "success":
-        lines.append(f"Error: {result['error']}")
+        lines.append(f"Error: {printable(one_line(result['error']))}")
         return "\n".join(lines)
     lines += [
         f"Relevant frames: {result['frames']}",
@@ -411,17 +412,17 @@ def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) 
 
 
 def format_search_block(search: Dict[str, Any]) -> str:
-    """The SEARCH RESULTS report of :func:`search_embeddings`."""
+    """The SEARCH RESULTS report of :func:`search_embeddings` (names and paths escaped)."""
     lines = [
         "",
         "SEARCH RESULTS",
         RULE,
-        f"Embeddings: {search['embeddings_dir']} ({search['num_videos']} videos, from {search['source']})",
-        f"Query: '{search['query']}'",
+        f"Embeddings: {printable(search['embeddings_dir'])} ({search['num_videos']} videos, from {search['source']})",
+        f"Query: '{printable(search['query'])}'",
         f"Top {len(search['results'])} videos:",
     ]
     for hit in search["results"]:
-        where = f"  ({hit['video_path']})" if hit["video_path"] else ""
-        lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {hit['name']}{where}")
+        where = f"  ({printable(hit['video_path'])})" if hit["video_path"] else ""
+        lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {printable(hit['name'])}{where}")
     lines.append(f"Search time: {search['search_time']:.2f}s")
     return "\n".join(lines)

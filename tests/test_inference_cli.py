@@ -177,3 +177,46 @@ def test_output_that_is_not_a_regular_file_or_empty_is_refused_before_any_work(t
         assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, describe(proc)
         assert "INFERENCE RESULTS" not in proc.stdout, describe(proc)
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir()
+
+
+def test_names_with_newlines_and_escapes_print_each_result_on_one_line(tmp_path, config):
+    """A video named ``evil\\nname`` split its search result line in two, and ESC / \\r reached the
+    terminal: the printed reports escape names and paths; the JSON keeps the real names."""
+    query = "a red circle"
+    text = small_model().encode_text([query])[0].numpy()
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    (emb / "evil\nname_embedding.json").write_text(json.dumps(
+        {"embedding": text.tolist(), "video_path": "/videos/evil\nname\r.mp4"}))
+    np.save(emb / "red\x1b[31mtext_embedding.npy", -text)
+    out = tmp_path / "search.json"
+    proc = run_script(SCRIPT, ["--embeddings_dir", emb, "--query", query, "--config", config, "--output", out])
+    assert proc.returncode == 0, describe(proc)
+    assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    start = lines.index("SEARCH RESULTS")
+    assert lines[start + 5] == "  1. 1.0000  evil\\nname  (/videos/evil\\nname\\r.mp4)"
+    assert re.fullmatch(r"  2\. -1\.0000  red\\x1b\[31mtext", lines[start + 6]), lines[start + 6]
+    assert lines[start + 7].startswith("Search time:")
+    saved = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in saved] == ["evil\nname", "red\x1b[31mtext"]
+
+
+def test_library_and_inference_reports_escape_names():
+    """The library's blocks (videos, moments, an image query) and the INFERENCE RESULTS block."""
+    from modules.library_cli import format_library_block
+    from modules.retrieval import format_inference_block
+
+    hit = {"rank": 1, "score": 0.5, "name": "a\nb", "video_path": "/v/a\nb\x1b[2J.mp4", "start_time": 0.0,
+           "end_time": 1.0, "frame": 3}
+    for moments in (False, True):
+        for image in (None, "/pics/x\ny.png"):
+            block = format_library_block({"library": "/lib\n", "num_videos": 1, "num_segments": 1,
+                                          "query": None if image else "q\nq", "image": image, "moments": moments,
+                                          "results": [hit], "search_time": 0.01})
+            assert "\x1b" not in block and len(block.splitlines()) == 8, block
+    result = {"video_path": "/v/a\nb\r.mp4", "query": "red\ncircle", "status": "error",
+              "error": "cannot decode /v/a\nb\r.mp4"}
+    block = format_inference_block(result)
+    assert "\r" not in block and len(block.splitlines()) == 6, block
+    assert "Video: /v/a\\nb\\r.mp4" in block.splitlines()

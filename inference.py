@@ -28,6 +28,7 @@ import sys
 import tempfile
 from typing import List, Optional
 
+from modules.errors import printable
 
 __all__ = ["batch_retrieve_events", "build_parser", "main"]
 
@@ -132,7 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     mode = _check_mode(parser, args)
-    from modules.cli_support import check_config_file, check_dir, check_file, run_cli, setup_logging
+    from modules.cli_support import check_config_file, check_dir, check_file, check_output_file, run_cli, \
+        setup_logging
 
     setup_logging(args.verbose, args.quiet)
 
@@ -146,6 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             check_dir(args.embeddings_dir, "embeddings directory")
         if args.image is not None:
             check_file(args.image, "image")
+        check_output_file(args.output)
         check_config_file(args.config_path)
         jobs = {"video_path": run_single, "batch_file": run_batch, "embeddings_dir": run_search, "demo": run_demo,
                 "index": run_index, "serve": run_serve}
@@ -165,7 +168,7 @@ def _write_json(path: str, obj) -> None:
     from modules.atomic_io import save_json_atomic
 
     save_json_atomic(path, obj)
-    print(f"Wrote {path}")
+    print(f"Wrote {printable(path)}")
 
 
 def run_single(args: argparse.Namespace) -> int:
@@ -202,7 +205,7 @@ def run_batch(args: argparse.Namespace) -> int:
         for r in results:
             tag = "ok   " if r["status"] == "success" else "ERROR"
             detail = f"frames {r['frames']}" if r["status"] == "success" else r["error"]
-            print(f"[{tag}] {r['video_path']} | '{r['query']}': {detail}")
+            print(f"[{tag}] {printable(r['video_path'])} | '{printable(r['query'])}': {printable(detail)}")
         _write_json(args.output, results)
     else:
         print(json.dumps(results, indent=2, ensure_ascii=False))
@@ -237,7 +240,7 @@ def run_index(args: argparse.Namespace) -> int:
     from modules import library_cli
 
     report = library_cli.run_index(args)
-    print(f"Library {report['library']}: {report['videos']} videos ({report['added']} added with "
+    print(f"Library {printable(report['library'])}: {report['videos']} videos ({report['added']} added with "
           f"{report['segments']} moments, {report['skipped']} already there, {report['failed']} unreadable"
           + (f", {report['other_model']} of another model left out" if report.get("other_model") else "") + ")")
     return 1 if report["failed"] else 0

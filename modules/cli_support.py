@@ -14,13 +14,14 @@ import contextlib
 import logging
 import os
 import re
+import stat
 import sys
 from typing import Callable, Optional, Union
 
-from modules.errors import error_line
+from modules.errors import error_line, printable
 
 __all__ = ["DEFAULT_EXTENSIONS", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError", "run_cli",
-           "check_config_file", "check_dir", "check_file", "HelpFormatter", "device_arg", "int_at_least",
+           "check_config_file", "check_dir", "check_file", "check_output_file", "HelpFormatter", "device_arg", "int_at_least",
            "add_model_arguments", "add_logging_arguments", "setup_logging"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -47,6 +48,30 @@ def check_dir(path: str, what: str) -> None:
 def check_file(path: str, what: str) -> None:
     if not os.path.lexists(path):
         raise UsageError(f"{what} not found: {path}")
+
+
+def check_output_file(path: Optional[str], flag: str = "--output") -> None:
+    """A results file the run will replace (None: none asked for), checked before any work.
+
+    Refused: an empty name, and an existing path that is not a regular file (a device, a
+    FIFO, a folder): the atomic rename would replace a device or FIFO by a regular file.
+    A missing file is fine (its folders are created when it is written).
+    """
+    if path is None:
+        return
+    if not path:
+        raise UsageError(f"{flag} is empty")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as err:
+        raise UsageError(f"{flag} {printable(path)}: cannot check it ({err.strerror})") from None
+    if not stat.S_ISREG(info.st_mode):
+        from modules.json_input import file_kind
+
+        raise UsageError(f"{flag} {printable(path)} exists and is not a regular file: this is "
+                         f"{file_kind(info.st_mode)}")
 
 
 def check_config_file(path: Optional[str]) -> None:

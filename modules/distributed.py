@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +25,7 @@ import torch.distributed as dist
 
 from modules.atomic_io import save_json_atomic
 from modules.cli_support import UsageError
+from modules.json_input import read_output_json
 
 __all__ = ["DistEnv", "detect_env", "choose_device", "init_distributed", "cleanup_distributed", "barrier",
            "listing_signature", "publish_share", "read_shares"]
@@ -172,9 +172,8 @@ def read_shares(output_dir: str, env: DistEnv, signature: str) -> Optional[List[
     statuses = []
     for rank in range(env.world_size):
         try:
-            with open(_share_path(output_dir, rank, env.world_size), encoding="utf-8") as fh:
-                status = json.load(fh)
-        except (OSError, ValueError):
+            status = read_output_json(_share_path(output_dir, rank, env.world_size), "shard status file")
+        except ValueError:
             return None
         if not isinstance(status, dict) or status.get("signature") != signature:
             return None

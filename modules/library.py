@@ -44,6 +44,7 @@ import numpy as np
 
 from modules.library_files import (MANIFEST, ROW_GROUP_ROWS, SCHEMAS, VIDEO_DEFAULTS, LibraryError, check_matrix, segment_row,
                                    segment_schema, video_schema, write_manifest, write_shard)
+from modules.json_input import read_output_json
 from modules.library_index import IndexInfo, load_faiss, read_index, search_index
 
 __all__ = ["LIBRARY_DIR", "MANIFEST", "LibraryError", "VideoLibrary", "fingerprint_id", "describe_fingerprint",
@@ -159,9 +160,11 @@ class VideoLibrary:
             raise LibraryError(f"no video library at {root} (missing {MANIFEST}); "
                                "build one with extract_video_embeddings.py --index")
         try:
-            with open(manifest_path, encoding="utf-8") as fh:
-                key = _file_key(os.fstat(fh.fileno()))  # of the file read, not of the name later
-                manifest = json.load(fh)
+            read: list = []
+            manifest = read_output_json(manifest_path, "library manifest", stat=read)
+            key = _file_key(read[0])  # of the file read, not of the name later
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
             if manifest.get("format") != FORMAT or int(manifest.get("version", -1)) != VERSION:
                 raise ValueError(f"not a version {VERSION} {FORMAT} manifest")
             library = cls(root, manifest, encoder_factory)

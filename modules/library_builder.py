@@ -9,7 +9,6 @@ re-extracted videos reach the library through the extraction's writer (LibraryWr
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
@@ -17,6 +16,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 import numpy as np
 
 from modules.cli_support import UsageError
+from modules.json_input import MAX_FOLDER_JSON_BYTES, read_output_json
 from modules.library import LibraryError, VideoLibrary, fingerprint_id, library_path
 
 __all__ = ["segments_from_frames_npz", "video_metadata", "scan_extraction_folder", "index_extraction_folder",
@@ -99,9 +99,8 @@ def recorded_model(output_dir: str) -> Optional[Dict[str, Any]]:
         path = os.path.join(output_dir, fname)
         if os.path.isfile(path):
             try:
-                with open(path, encoding="utf-8") as fh:
-                    info = json.load(fh).get("model")
-            except (OSError, ValueError, AttributeError):
+                info = read_output_json(path, fname, MAX_FOLDER_JSON_BYTES).get("model")
+            except (ValueError, AttributeError):
                 continue
             if info:
                 return info
@@ -137,6 +136,14 @@ def scan_extraction_folder(output_dir: str) -> Iterator[Tuple[str, str]]:
     yield from sorted(found.items())
 
 
+def _json_object(path: str) -> Dict[str, Any]:
+    """A per-video ``*_embedding.json`` file's object; ValueError naming the file otherwise."""
+    data = read_output_json(path, "embedding file")
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: embedding file is not a JSON object")
+    return data
+
+
 def _read_video(output_dir: str, name: str, embedding_file: str,
                 meta: Optional[Mapping[str, Any]]) -> Tuple[Dict[str, Any], np.ndarray, Optional[dict]]:
     """The video's row, embedding and frames payload; ``meta``: its ``.meta.json`` record."""
@@ -145,11 +152,9 @@ def _read_video(output_dir: str, name: str, embedding_file: str,
         embedding = np.load(embedding_file, allow_pickle=False)
         json_file = embedding_file[: -len(".npy")] + ".json"
         if os.path.isfile(json_file):
-            with open(json_file, encoding="utf-8") as fh:
-                video_path = json.load(fh).get("video_path")
+            video_path = _json_object(json_file).get("video_path")
     else:
-        with open(embedding_file, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = _json_object(embedding_file)
         embedding, video_path = np.asarray(data["embedding"], dtype=np.float32), data.get("video_path")
     frames_file = os.path.join(output_dir, name + "_frames.npz")
     windows_file = os.path.join(output_dir, name + "_windows.npz")  # long_video.WINDOWS_SUFFIX

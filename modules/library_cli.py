@@ -16,6 +16,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from modules.cli_support import UsageError
+from modules.errors import printable
 
 __all__ = ["format_moment_line", "format_library_block", "query_encoder", "run_index", "run_library_search",
            "cli_fingerprint", "has_library"]
@@ -59,20 +60,20 @@ def query_encoder(library, args: argparse.Namespace):
 
 
 def format_moment_line(hit: Dict[str, Any]) -> str:
-    """``video  12.4-18.0 s  frame 311  0.287``."""
-    return f"{hit['name']}  {hit['start_time']:.1f}-{hit['end_time']:.1f} s  frame {hit['frame']}  {hit['score']:.3f}"
+    """``video  12.4-18.0 s  frame 311  0.287`` (the name escaped: one line whatever it holds)."""
+    return f"{printable(hit['name'])}  {hit['start_time']:.1f}-{hit['end_time']:.1f} s  frame {hit['frame']}  {hit['score']:.3f}"
 
 
 def format_library_block(search: Dict[str, Any]) -> str:
     lines = ["", "SEARCH RESULTS", RULE,
-             f"Library: {search['library']} ({search['num_videos']} videos, {search['num_segments']} moments)",
-             f"Query: {search['query']!r}" if search.get("image") is None else f"Image: {search['image']}",
+             f"Library: {printable(search['library'])} ({search['num_videos']} videos, {search['num_segments']} moments)",
+             f"Query: {search['query']!r}" if search.get("image") is None else f"Image: {printable(search['image'])}",
              f"Top {len(search['results'])} {'moments' if search['moments'] else 'videos'}:"]
     for hit in search["results"]:
         if search["moments"]:
             lines.append("  " + format_moment_line(hit))
         else:
-            lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {hit['name']}  ({hit['video_path']})")
+            lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {printable(hit['name'])}  ({printable(hit['video_path'])})")
     lines.append(f"Search time: {search['search_time']:.3f}s")
     return "\n".join(lines)
 

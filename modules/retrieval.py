@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import logging
 import os
 import time
@@ -25,7 +24,8 @@ import torch
 from modules.cli_support import UsageError
 from modules.decode_pool import decode_stream
 from modules.forward_lanes import NON_FINITE_ERROR, degenerate_rows, model_error
-from modules.json_input import JSONInputError, read_json_file
+from modules.errors import one_line, printable
+from modules.json_input import MAX_FOLDER_JSON_BYTES, JSONInputError, read_json_file, read_output_json
 from modules.video_sampler import normalize_uint8
 from modules.writers import CONSOLIDATED_INDEX, CONSOLIDATED_NPY, read_embedding_file, read_meta
 
@@ -220,17 +220,23 @@ def _per_video_files(root: str) -> Dict[str, Dict[str, str]]:
 
 
 def _load_consolidated(root: str, index_path: str, matrix_path: str, found: Dict[str, Dict[str, str]]):
+    rerun = "rerun extract_video_embeddings.py with --consolidated to rebuild it"
     try:
-        with open(index_path, encoding="utf-8") as fh:
-            index = json.load(fh)
+        index = read_output_json(index_path, "consolidated index", MAX_FOLDER_JSON_BYTES)
+        if not isinstance(index, dict):
+            raise ValueError(f"{index_path}: not a JSON object")
         with open(matrix_path, "rb") as fh:
             data = fh.read()
         matrix = np.load(io.BytesIO(data), allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
-        raise UsageError(f"{index_path}: cannot read the consolidated embeddings ({err}); "
+        raise UsageError(f"{index_path}: cannot read the consolidated embeddings ({one_line(err)}); "
                          "rerun extract_video_embeddings.py with --consolidated") from None
-    names = list(index.get("names", []))
-    rerun = "rerun extract_video_embeddings.py with --consolidated to rebuild it"
+    names = index.get("names", [])
+    paths = index.get("video_paths", [None] * len(names)) if isinstance(names, list) else None
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and isinstance(paths, list)
+            and len(paths) == len(names) and all(p is None or isinstance(p, str) for p in paths)
+            and isinstance(index.get("model", {}), dict)):
+        raise UsageError(f"{index_path}: not a consolidated index (names / video_paths / model malformed); {rerun}")
     if matrix.ndim != 2 or len(names) != matrix.shape[0]:
         raise UsageError(f"{matrix_path}: {matrix.shape} rows do not match the {len(names)} names in {index_path}; {rerun}")
     expected = index.get("matrix_sha256")
@@ -243,7 +249,6 @@ def _load_consolidated(root: str, index_path: str, matrix_path: str, found: Dict
     if newer:
         raise UsageError(f"{index_path} is older than {len(newer)} per-video embedding files (e.g. {newer[0]!r}: "
                          f"videos extracted without --consolidated); {rerun}")
-    paths = list(index.get("video_paths", [None] * len(names)))
     return names, paths, matrix.astype(np.float32, copy=False), f"{CONSOLIDATED_NPY} + {CONSOLIDATED_INDEX}", index.get("model", {})
 
 
@@ -276,10 +281,7 @@ def load_embedding_index(embeddings_dir: Union[str, os.PathLike]) -> Tuple[List[
         files = found[name]
         try:
             vector = read_embedding_file(files.get("npy") or files["json"])
-            data = {}
-            if "json" in files:
-                with open(files["json"], encoding="utf-8") as fh:
-                    data = json.load(fh)
+            data = read_output_json(files["json"], "embedding file") if "json" in files else {}
         except (OSError, ValueError) as err:
             logger.warning("%s: unreadable embedding file skipped (%s)", name, err)
             continue
@@ -377,17 +379,18 @@ def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) 
     """The INFERENCE RESULTS report of one (video, query) result.
 
     top_k: the number of frames asked for; when the video has fewer frame groups the
-    report says that only those exist.
+    report says that only those exist. Paths, queries and errors are printed escaped
+    (``errors.printable``): a newline or ESC in a file name stays on its line.
     """
     lines = [
         "",
         "INFERENCE RESULTS",
         RULE,
-        f"Video: {result['video_path']}",
-        f"Query: '{result['query']}'",
+        f"Video: {printable(result['video_path'])}",
+        f"Query: '{printable(result['query'])}'",
     ]
     if result["status"] != "success":
-        lines.append(f"Error: {result['error']}")
+        lines.append(f"Error: {printable(one_line(result['error']))}")
         return "\n".join(lines)
     lines += [
         f"Relevant frames: {result['frames']}",
@@ -409,17 +412,17 @@ def format_inference_block(result: Dict[str, Any], top_k: Optional[int] = None) 
 
 
 def format_search_block(search: Dict[str, Any]) -> str:
-    """The SEARCH RESULTS report of :func:`search_embeddings`."""
+    """The SEARCH RESULTS report of :func:`search_embeddings` (names and paths escaped)."""
     lines = [
         "",
         "SEARCH RESULTS",
         RULE,
-        f"Embeddings: {search['embeddings_dir']} ({search['num_videos']} videos, from {search['source']})",
-        f"Query: '{search['query']}'",
+        f"Embeddings: {printable(search['embeddings_dir'])} ({search['num_videos']} videos, from {search['source']})",
+        f"Query: '{printable(search['query'])}'",
         f"Top {len(search['results'])} videos:",
     ]
     for hit in search["results"]:
-        where = f"  ({hit['video_path']})" if hit["video_path"] else ""
-        lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {hit['name']}{where}")
+        where = f"  ({printable(hit['video_path'])})" if hit["video_path"] else ""
+        lines.append(f"  {hit['rank']}. {hit['score']:.4f}  {printable(hit['name'])}{where}")
     lines.append(f"Search time: {search['search_time']:.2f}s")
     return "\n".join(lines)

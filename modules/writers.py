@@ -55,6 +55,7 @@ import numpy as np
 
 from modules.atomic_io import atomic_write_all, cleanup_stale_temp_files, save_json_atomic, save_npy_atomic, \
     save_npz_atomic, save_text_atomic, temp_path, write_json
+from modules.json_input import JSONInputError, read_output_json
 from modules.video_listing import VideoEntry
 from modules.video_sampler import SampledVideo
 
@@ -175,9 +176,8 @@ def model_record_path(output_dir: str, fingerprint: str) -> str:
 def read_model_record(output_dir: str, fingerprint: str) -> Optional[Dict[str, Any]]:
     """The model record of ``fingerprint`` in ``output_dir``, or None (missing, unreadable, other model)."""
     try:
-        with open(model_record_path(output_dir, fingerprint), encoding="utf-8") as fh:
-            info = json.load(fh)
-    except (OSError, ValueError):
+        info = read_output_json(model_record_path(output_dir, fingerprint), "model record")
+    except ValueError:
         return None
     return info if isinstance(info, dict) and info.get("fingerprint") == fingerprint else None
 
@@ -211,8 +211,9 @@ def read_embedding_file(path: str) -> np.ndarray:
         if path.endswith(".npy"):
             vector = np.load(path, allow_pickle=False)
         else:
-            with open(path, encoding="utf-8") as fh:
-                vector = np.asarray(json.load(fh)["embedding"], dtype=np.float32)
+            vector = np.asarray(read_output_json(path, "embedding file")["embedding"], dtype=np.float32)
+    except JSONInputError:
+        raise  # a ValueError naming the file already
     except (EOFError, KeyError, TypeError, UnicodeDecodeError, ValueError) as err:
         raise ValueError(f"{path}: unreadable embedding file ({type(err).__name__}: {err})") from None
     if vector.ndim != 1 or vector.size == 0 or vector.dtype.kind != "f":
@@ -236,9 +237,8 @@ def load_embedding(output_dir: str, name: str) -> Optional[np.ndarray]:
 def read_meta(output_dir: str, name: str) -> Optional[Dict[str, Any]]:
     """A video's ``.meta.json`` record, or None when missing or unreadable."""
     try:
-        with open(meta_path(output_dir, name), encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError):
+        meta = read_output_json(meta_path(output_dir, name), "video record")
+    except ValueError:
         return None
     return meta if isinstance(meta, dict) else None
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +159,64 @@ def test_non_utf8_names_and_lone_surrogate_queries_still_write_results(tmp_path,
     no_traceback(proc)
     (result,) = json.loads(single.read_bytes().decode("utf-8"))
     assert result["status"] == "success" and result["video_path"] == os.fspath(video)
+
+
+@pytest.mark.timeout(240)
+def test_output_that_is_not_a_regular_file_or_empty_is_refused_before_any_work(tmp_path, config):
+    """--output FIFO was replaced by a regular file (a device too: /dev/full as root), exit 0;
+    --output "" exited 0 writing nothing. Both are one-line usage errors before the model loads."""
+    fifo = tmp_path / "results.json"
+    os.mkfifo(fifo)
+    folder = tmp_path / "folder.json"
+    folder.mkdir()
+    for output, words in ((fifo, "FIFO"), (folder, "directory"), ("", "--output is empty")):
+        proc = run_script(SCRIPT, ["--video_path", EXAMPLE, "--query", "a red circle", "--output", output,
+                                   "--config", config], timeout=120)
+        assert proc.returncode == 2, describe(proc)
+        no_traceback(proc)
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, describe(proc)
+        assert "INFERENCE RESULTS" not in proc.stdout, describe(proc)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and folder.is_dir()
+
+
+def test_names_with_newlines_and_escapes_print_each_result_on_one_line(tmp_path, config):
+    """A video named ``evil\\nname`` split its search result line in two, and ESC / \\r reached the
+    terminal: the printed reports escape names and paths; the JSON keeps the real names."""
+    query = "a red circle"
+    text = small_model().encode_text([query])[0].numpy()
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    (emb / "evil\nname_embedding.json").write_text(json.dumps(
+        {"embedding": text.tolist(), "video_path": "/videos/evil\nname\r.mp4"}))
+    np.save(emb / "red\x1b[31mtext_embedding.npy", -text)
+    out = tmp_path / "search.json"
+    proc = run_script(SCRIPT, ["--embeddings_dir", emb, "--query", query, "--config", config, "--output", out])
+    assert proc.returncode == 0, describe(proc)
+    assert "\x1b" not in proc.stdout and "\r" not in proc.stdout
+    lines = proc.stdout.splitlines()
+    start = lines.index("SEARCH RESULTS")
+    assert lines[start + 5] == "  1. 1.0000  evil\\nname  (/videos/evil\\nname\\r.mp4)"
+    assert re.fullmatch(r"  2\. -1\.0000  red\\x1b\[31mtext", lines[start + 6]), lines[start + 6]
+    assert lines[start + 7].startswith("Search time:")
+    saved = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in saved] == ["evil\nname", "red\x1b[31mtext"]
+
+
+def test_library_and_inference_reports_escape_names():
+    """The library's blocks (videos, moments, an image query) and the INFERENCE RESULTS block."""
+    from modules.library_cli import format_library_block
+    from modules.retrieval import format_inference_block
+
+    hit = {"rank": 1, "score": 0.5, "name": "a\nb", "video_path": "/v/a\nb\x1b[2J.mp4", "start_time": 0.0,
+           "end_time": 1.0, "frame": 3}
+    for moments in (False, True):
+        for image in (None, "/pics/x\ny.png"):
+            block = format_library_block({"library": "/lib\n", "num_videos": 1, "num_segments": 1,
+                                          "query": None if image else "q\nq", "image": image, "moments": moments,
+                                          "results": [hit], "search_time": 0.01})
+            assert "\x1b" not in block and len(block.splitlines()) == 8, block
+    result = {"video_path": "/v/a\nb\r.mp4", "query": "red\ncircle", "status": "error",
+              "error": "cannot decode /v/a\nb\r.mp4"}
+    block = format_inference_block(result)
+    assert "\r" not in block and len(block.splitlines()) == 6, block
+    assert "Video: /v/a\\nb\\r.mp4" in block.splitlines()

@@ -552,3 +552,79 @@ def test_truncated_files_are_embedded_with_a_warning_in_the_summary(model, tmp_p
         row = rows[f"cut_{ext}"]
         assert row["status"] == "success" and "truncated" in row["warning"] and "declares" in row["warning"], row
 
+
+
+# ----------------------------------------------------------------------------- tampered JSON outputs
+
+#: what a user (or a broken disk) may leave in a JSON file this project wrote
+_HOSTILE_JSON = {"deep": b"[" * 100000, "not_utf8": b'{"name": "\xff\xfe"}'}
+
+
+def _spoil(path, kind):
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)  # a reader that opens it without O_NONBLOCK waits for a writer forever
+    else:
+        path.write_bytes(_HOSTILE_JSON[kind])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["deep", "not_utf8", "fifo"])
+def test_a_tampered_meta_record_means_the_video_is_recomputed(model, tmp_path, kind):
+    """A ``.<name>.meta.json`` nested 100000 levels deep crashed the rerun with a RecursionError."""
+    videos, out = tmp_path / "v", tmp_path / "out"
+    _clip(videos / "a.mp4", 8)
+    _clip(videos / "b.mp4", 10, seed=1)
+    _run(videos, out, model)
+    _spoil(out / ".a.meta.json", kind)
+    again = _run(videos, out, model)
+    assert (again["processed"], again["skipped"], again["failed"]) == (1, 1, 0)
+    assert json.loads((out / ".a.meta.json").read_text())["video_path"].endswith("a.mp4")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["deep", "not_utf8", "fifo"])
+def test_a_tampered_consolidated_index_is_a_one_line_error(model, tmp_path, kind):
+    """``embeddings_index.json`` nested 100000 levels deep crashed the search with a RecursionError;
+    a FIFO there is no index (the documented fallback on the per-video files)."""
+    videos, out = tmp_path / "v", tmp_path / "out"
+    _clip(videos / "a.mp4", 8)
+    _run(videos, out, model, consolidated=True)
+    _spoil(out / "embeddings_index.json", kind)
+    if kind == "fifo":  # not a regular file: no consolidated index, the per-video files are searched
+        assert search_embeddings(model, out, "a red circle")["source"] == "per-video files"
+        return
+    with pytest.raises(UsageError) as err:
+        search_embeddings(model, out, "a red circle")
+    assert "embeddings_index.json" in str(err.value) and "--consolidated" in str(err.value)
+    assert one_line(err.value) == str(err.value)
+
+
+def test_tampered_json_outputs_are_unreadable_files_everywhere(model, tmp_path):
+    """The model record, per-video JSON embedding, summary and library manifest: a deep file is
+    what an unreadable one is at that place (skipped, fallback, or a one-line LibraryError)."""
+    from modules.library import LibraryError, VideoLibrary
+    from modules.library_builder import index_extraction_folder, recorded_model
+    from modules.writers import read_model_record
+    from unified_model import model_fingerprint
+
+    videos, out = tmp_path / "v", tmp_path / "out"
+    _clip(videos / "a.mp4", 8)
+    _clip(videos / "b.mp4", 10, seed=1)
+    _run(videos, out, model, save_format="both", consolidated=True, summary=True)
+    fingerprint = model_fingerprint(model)
+    assert read_model_record(str(out), fingerprint) is not None
+    _spoil(next(out.glob(".*.model.json")), "deep")
+    assert read_model_record(str(out), fingerprint) is None
+    _spoil(out / "embeddings_index.json", "deep")  # falls back on the summary
+    assert recorded_model(str(out))["fingerprint"] == fingerprint
+    (out / "embeddings_index.json").unlink()
+    (out / "embeddings.npy").unlink()
+    _spoil(out / "b_embedding.json", "deep")  # b's path is unknown now: b is not indexed
+    summary = index_extraction_folder(str(out))
+    assert (summary["added"], summary["failed"]) == (1, 1)
+    names, *_ = load_embedding_index(out)  # as with any unreadable per-video file: skipped with a warning
+    assert names == ["a"]
+    _spoil(out / "library" / "manifest.json", "deep")
+    with pytest.raises(LibraryError, match="manifest"):
+        VideoLibrary.open(out / "library")

@@ -7,7 +7,7 @@ import pytest
 
 from config import ConfigError, read_json_object
 from modules.cli_support import UsageError
-from modules.json_input import JSONInputError, read_json_file
+from modules.json_input import JSONInputError, read_json_file, read_output_json
 from tests.cli_utils import describe, no_traceback, run_script
 
 HOSTILE = {
@@ -43,6 +43,22 @@ def test_config_and_batch_readers_refuse_hostile_files_in_one_line(tmp_path):
                 reader(path)
             message = str(info.value)
             assert words in message and str(path) in message and "\n" not in message, (name, message)
+
+
+@pytest.mark.timeout(60)
+def test_output_folder_reader_refuses_the_same_files_but_reads_what_json_dump_writes(tmp_path):
+    """read_output_json (the project's own files): the same refusals, except NaN / Infinity."""
+    for name, (path, words) in _hostile_files(tmp_path).items():
+        if name == "nan":
+            assert read_output_json(path, "video record")["top_k"] != 0  # NaN
+            continue
+        with pytest.raises(JSONInputError) as info:
+            read_output_json(path, "video record")
+        assert words in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value), name
+    with pytest.raises(JSONInputError, match="video record not found"):
+        read_output_json(tmp_path / "missing.json", "video record")
+    read: list = []
+    assert read_output_json(tmp_path / "nan.json", "video record", stat=read) and read[0].st_size == 14
 
 
 def test_size_cap(tmp_path):

@@ -47,6 +47,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Sequence
@@ -207,6 +208,8 @@ def read_embedding_file(path: str) -> np.ndarray:
     Raises ValueError (with the reason) for an empty, truncated or malformed file, OSError
     when it cannot be read.
     """
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+        raise ValueError(f"{path}: unreadable embedding file (not a regular file)")
     try:
         if path.endswith(".npy"):
             vector = np.load(path, allow_pickle=False)

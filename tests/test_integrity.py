@@ -167,6 +167,10 @@ def test_search_reports_an_unreadable_per_video_file_instead_of_crashing(model, 
     (out / "a_embedding.npy").write_bytes(b"")
     names, *_ = load_embedding_index(out)
     assert names == ["b"]
+    (out / "a_embedding.npy").unlink()
+    os.mkfifo(out / "a_embedding.npy")  # a FIFO: np.load would block forever on it
+    names, *_ = load_embedding_index(out)
+    assert names == ["b"]
 
 
 # ----------------------------------------------------------------------------- item 13: consolidated files

@@ -104,6 +104,16 @@ def _depth(data: Any) -> int:
     return deepest
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are unique (json keeps the last of duplicates silently)."""
+    data = dict(pairs)
+    if len(data) != len(pairs):
+        seen: set = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"key {twice!r} appears twice in one object")
+    return data
+
+
 def read_json_file(path: Union[str, os.PathLike], what: str = "JSON file", max_bytes: int = MAX_JSON_BYTES,
                    allow_constants: bool = False, stat: Optional[list] = None) -> Any:
     """The parsed content of ``path``; JSONInputError (one line, names the file) on any problem.
@@ -122,7 +132,8 @@ def read_json_file(path: Union[str, os.PathLike], what: str = "JSON file", max_b
         raise JSONInputError(f"{path}: {what} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset "
                              f"{err.start})") from None
     try:
-        data = json.loads(text, parse_int=_parse_int, parse_constant=None if allow_constants else _refuse_constant)
+        data = json.loads(text, parse_int=_parse_int, parse_constant=None if allow_constants else _refuse_constant,
+                          object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as err:
         raise JSONInputError(f"{path}: invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
     except RecursionError:

@@ -207,3 +207,12 @@ def test_fp16_on_cpu_runs_as_fp32_unless_forced(tmp_path, caplog):
         full = plain.encode_videos(frames).video_embeddings
     cosine = torch.nn.functional.cosine_similarity(half, full, dim=-1)
     assert (cosine > 0.99).all() and not torch.equal(half, full), cosine  # ran in fp16, close to fp32
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs" / "recipes").glob("*.json")))
+def test_every_shipped_recipe_is_a_valid_config(recipe):
+    """Each configs/recipes/*.json loads as the scripts load it (vit_b16 / vit_l14 were loaded by no test)."""
+    from config import from_json
+
+    config = from_json(Path(__file__).resolve().parents[1] / "configs" / "recipes" / recipe)
+    assert config.to_dict()["tempme"]["base_encoder"]

@@ -16,6 +16,7 @@ HOSTILE = {
     "huge_integer": (b'{"top_k": ' + b"9" * 5000 + b"}", "5000 digits"),
     "not_utf8": (b'{"query": "caf\xe9"}', "not UTF-8"),
     "nan": (b'{"top_k": NaN}', "NaN is not standard JSON"),
+    "duplicate_key": (b'{"top_k": 1, "top_k": 2}', "key 'top_k' appears twice"),  # silently the last before
 }
 
 

@@ -14,8 +14,9 @@ Routes (all GET):
   (the moment's representative frame; for a video, its middle), cut from
   the video with PyAV at request time and kept in an LRU cache.
 
-Bad requests get a 4xx status and ``{"error": "..."}``. The server binds to 127.0.0.1
-unless told otherwise.
+Bad requests get a 4xx status and ``{"error": "..."}``, an unexpected failure a 500 and
+``{"error": "internal server error"}``. ``q`` is always encoded as text: no request value
+is ever read as a path. The server binds to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -137,6 +138,12 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
     async def _http(_request: Request, err: HTTPException):
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        # anything else is a bug or a broken file: logged here, a JSON 500 (no traceback) there
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
     @app.get("/")
     def page():
         return FileResponse(PAGE, media_type="text/html")
@@ -145,7 +152,7 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
         vector = vectors.get(text)
         if vector is None:
             with encode_lock:  # one model, one query at a time through it
-                vector = library.query_vector(text)
+                vector = library.query_vector(text, as_text=True)  # q is text, never a server path
             vectors.put(text, vector)
         return vector
 

@@ -275,3 +275,48 @@ def test_the_server_follows_an_update_made_while_it_serves(tmp_path):
     after = client.get("/api/search", params={"q": "anything", "top_k": 1})
     assert after.status_code == 200, after.text
     assert after.json()["num_videos"] == 8 and after.json()["results"][0]["name"] == "v7"
+
+
+def test_api_query_is_text_even_when_it_names_a_server_file(client, built, tmp_path):
+    """``q`` never reaches the filesystem: the path of a picture on the server is searched
+    as the text it is (no existence oracle), and a garbage .png is no 500."""
+    from modules.search_server import cut_frame, encode_jpeg
+
+    _, library = built
+    picture = tmp_path / "frame.jpg"
+    picture.write_bytes(encode_jpeg(cut_frame(library.table().to_pylist()[0]["video_path"], 1.0)))
+    as_text = library.search_vector(library.encoder().encode_text([str(picture)])[0], 3)
+    as_image = library.search(str(picture), top_k=3)  # the Python API's query by example stays
+    assert [h["score"] for h in as_text] != [h["score"] for h in as_image]
+    assert library.search(str(picture), top_k=3, as_text=True) == as_text
+    response = client.get("/api/search", params={"q": str(picture), "top_k": 3})
+    assert response.status_code == 200, response.text
+    assert [(h["name"], h["score"]) for h in response.json()["results"]] == [(h["name"], h["score"]) for h in as_text]
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a picture at all")
+    response = client.get("/api/search", params={"q": str(garbage), "top_k": 3, "moments": "true"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
+
+
+def test_an_unexpected_server_error_answers_json(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modules.library import VideoLibrary
+    from modules.search_server import create_app
+
+    fp = {"clip_weights": "random", "checkpoint": None, "config": {"max_frames": 4}}
+    emb = np.eye(4, 16, dtype=np.float32)
+
+    class Broken:
+        def encode_text(self, texts):
+            raise RuntimeError("the encoder fell over")
+
+    root = tmp_path / "lib"
+    VideoLibrary.create(root, fp, 16).add([{"name": f"v{i}", "video_path": f"/v/{i}.mp4"} for i in range(4)], emb,
+                                          fingerprint=fp)
+    client = TestClient(create_app(VideoLibrary.open(root, encoder_factory=lambda _fp: Broken())),
+                        raise_server_exceptions=False)
+    response = client.get("/api/search", params={"q": "a dog"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": "internal server error"}  # no traceback or message leaks out

@@ -237,14 +237,37 @@ def _json_number(x: Any) -> Optional[float]:
 
 def serve(embeddings_dir: str, host: str = "127.0.0.1", port: int = 8000,
           encoder_factory: Optional[Callable[[Any], Any]] = None) -> None:
-    """Open the library of ``embeddings_dir`` and serve it until interrupted."""
+    """Open the library of ``embeddings_dir`` and serve it until interrupted.
+
+    The address is bound before anything is printed: a port in use (or a host that is not
+    this machine's) is a :class:`~modules.cli_support.UsageError`, and uvicorn serves on
+    that very socket (no window for another process to take the port).
+    """
+    import socket
+
     import uvicorn
 
+    from modules.cli_support import UsageError
     from modules.library import VideoLibrary
 
+    if not 1 <= int(port) <= 65535:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
     library = VideoLibrary.open(embeddings_dir, encoder_factory=(lambda _fp: encoder_factory(library))
                                 if encoder_factory is not None else None)
     app = create_app(library)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as err:
+        sock.close()
+        reason = err.strerror or str(err)
+        raise UsageError(f"cannot serve on {host}:{port}: {reason} (choose another --port or --host)") from None
+    sock.set_inheritable(True)
+    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
     print(f"Serving {len(library)} videos ({library.num_segments} moments) from {library.root} "
           f"on http://{host}:{port}  (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

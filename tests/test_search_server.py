@@ -320,3 +320,24 @@ def test_an_unexpected_server_error_answers_json(tmp_path):
     response = client.get("/api/search", params={"q": "a dog"})
     assert response.status_code == 500 and response.headers["content-type"] == "application/json"
     assert response.json() == {"error": "internal server error"}  # no traceback or message leaks out
+
+
+def test_cli_serve_refuses_a_bad_or_busy_port(built):
+    """--port outside 1-65535 is an argument error; a port already in use is a one-line
+    error before "Serving ..." is printed (both exit 2, no traceback)."""
+    import socket
+
+    out, _ = built
+    for port in ("99999", "0", "65536"):
+        bad = run_script("inference.py", ["--embeddings_dir", out, "--serve", "--port", port], timeout=120)
+        assert bad.returncode == 2 and "--port" in bad.stderr and "65535" in bad.stderr, describe(bad)
+        no_traceback(bad)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        taken = run_script("inference.py", ["--embeddings_dir", out, "--serve", "--port", port], timeout=120)
+    assert taken.returncode == 2, describe(taken)
+    assert "Serving" not in taken.stdout and str(port) in taken.stderr, describe(taken)
+    assert len(taken.stderr.strip().splitlines()) == 1, describe(taken)
+    no_traceback(taken)

@@ -237,7 +237,7 @@ class VideoLibrary:
         return pq.read_table(self.shards[kind][i].file(self.root, "parquet"), memory_map=True)
 
     def table(self, kind: str = "videos", include_removed: bool = False):
-        """The whole table as a ``pyarrow.Table`` with a ``row`` column (``.to_pandas()`` works)."""
+        """The whole table as a ``pyarrow.Table`` with a ``row`` column (``.to_pandas()`` with pandas installed; pandas is not a dependency)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.cli_utils import describe, no_traceback, run_script, write_small_config
+from tests.cli_utils import ROOT, describe, no_traceback, run_script, write_small_config
 from tests.library_fixture import CLIPS, build_library
 from tests.video_factory import read_index_rgb
 
@@ -341,3 +341,15 @@ def test_cli_serve_refuses_a_bad_or_busy_port(built):
     assert "Serving" not in taken.stdout and str(port) in taken.stderr, describe(taken)
     assert len(taken.stderr.strip().splitlines()) == 1, describe(taken)
     no_traceback(taken)
+
+
+def test_readme_library_api_block_runs_as_written(built, monkeypatch):
+    """README_unified.md's "Python API" block of the library runs with the project's
+    dependencies (pyarrow, no pandas), against the small library."""
+    from modules.library import VideoLibrary
+
+    text = (ROOT / "README_unified.md").read_text()
+    block = re.search(r"\*\*Python API\*\*:\s*```python\n(.*?)```", text, re.S).group(1)
+    _, library = built
+    monkeypatch.setattr(VideoLibrary, "open", staticmethod(lambda *_a, **_k: library))
+    exec(compile(block, "README_unified.md", "exec"), {"vector": library.embeddings()[0]})

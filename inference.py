@@ -46,7 +46,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from modules.cli_support import HelpFormatter, add_logging_arguments, add_model_arguments, \
-        add_window_arguments, int_at_least
+        add_window_arguments, int_at_least, int_between
 
     parser = argparse.ArgumentParser(
         prog="inference.py", description=__doc__.split("\n\n", 1)[0],
@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     library.add_argument("--serve", action="store_true",
                          help="serve the search page and JSON API for the folder's library")
     library.add_argument("--host", default="127.0.0.1", help="address --serve binds to (default: 127.0.0.1, this machine only)")
-    library.add_argument("--port", type=int_at_least(1), default=8000, help="port of --serve")
+    library.add_argument("--port", type=int_between(1, 65535), default=8000,
+                         help="port of --serve, 1-65535 (default: 8000)")
     mode.add_argument("--demo", action="store_true",
                       help="write two small videos to a temporary folder and run extraction, retrieval and search "
                            "on them (random CLIP weights when no real ones are available offline, and it says so)")

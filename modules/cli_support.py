@@ -166,6 +166,21 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    """argparse type for integers in ``minimum..maximum``."""
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+        if not minimum <= number <= maximum:
+            raise argparse.ArgumentTypeError(f"must be between {minimum} and {maximum}, got {number}")
+        return number
+
+    parse.__name__ = f"integer {minimum}-{maximum}"
+    return parse
+
+
 def seconds_arg(value: str) -> float:
     """argparse type for a finite number of seconds >= 0."""
     try:

@@ -240,7 +240,7 @@ class VideoLibrary:
         return pq.read_table(self.shards[kind][i].file(self.root, "parquet"), memory_map=True)
 
     def table(self, kind: str = "videos", include_removed: bool = False):
-        """The whole table as a ``pyarrow.Table`` with a ``row`` column (``.to_pandas()`` works)."""
+        """The whole table as a ``pyarrow.Table`` with a ``row`` column (``.to_pandas()`` with pandas installed; pandas is not a dependency)."""
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -373,11 +373,19 @@ class VideoLibrary:
                 self._encoder = encoder_for(self.fingerprint, folder=self.root)
         return self._encoder
 
-    def query_vector(self, query: Any, image: Optional[PathLike] = None) -> np.ndarray:
-        """Text, image path (``image=`` or an existing path with an image extension) or vector -> (D,)."""
+    def query_vector(self, query: Any, image: Optional[PathLike] = None, as_text: bool = False) -> np.ndarray:
+        """Text, image path (``image=`` or an existing path with an image extension) or vector -> (D,).
+
+        ``as_text=True``: ``query`` is a text, encoded as such whatever it looks like (the
+        filesystem is never consulted; the search server's queries come this way).
+        """
         from modules.library_query import is_image_path
 
-        if image is not None:
+        if as_text:
+            if image is not None or not isinstance(query, str) or not query.strip():
+                raise LibraryError("as_text=True needs a non-empty text query (and no image=)")
+            vector = self.encoder().encode_text([query])[0]
+        elif image is not None:
             vector = self.encoder().encode_image(image)
         elif isinstance(query, np.ndarray) or (isinstance(query, (list, tuple)) and query and not isinstance(query[0], str)):
             vector = np.asarray(query, dtype=np.float32).reshape(-1)
@@ -397,13 +405,16 @@ class VideoLibrary:
         return vector
 
     def search(self, query: Any = None, top_k: int = 10, moments: bool = False,
-               image: Optional[PathLike] = None) -> List[Dict[str, Any]]:
+               image: Optional[PathLike] = None, as_text: bool = False) -> List[Dict[str, Any]]:
         """Best first: videos ``{rank, row, name, video_path, score}`` or moments ``{rank,
         row, name, video_path, video_row, start_time, end_time, frame, timestamp, score, ...}``.
+
+        A str that names an existing picture file is a query by example; ``as_text=True``
+        searches it as text instead (and never looks at the filesystem).
         """
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
             raise LibraryError(f"top_k must be a positive integer, got {top_k!r}")
-        vector = self.query_vector(query, image=image)
+        vector = self.query_vector(query, image=image, as_text=as_text)
         return self.search_vector(vector, int(top_k), moments)
 
     def search_vector(self, vector: np.ndarray, top_k: int, moments: bool = False) -> List[Dict[str, Any]]:

@@ -14,8 +14,9 @@ Routes (all GET):
   (the moment's representative frame; for a video, its middle), cut from
   the video with PyAV at request time and kept in an LRU cache.
 
-Bad requests get a 4xx status and ``{"error": "..."}``. The server binds to 127.0.0.1
-unless told otherwise.
+Bad requests get a 4xx status and ``{"error": "..."}``, an unexpected failure a 500 and
+``{"error": "internal server error"}``. ``q`` is always encoded as text: no request value
+is ever read as a path. The server binds to 127.0.0.1 unless told otherwise.
 """
 from __future__ import annotations
 
@@ -137,6 +138,12 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
     async def _http(_request: Request, err: HTTPException):
         return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, err: Exception):
+        # anything else is a bug or a broken file: logged here, a JSON 500 (no traceback) there
+        logger.error("%s %s failed", request.method, request.url.path, exc_info=err)
+        return JSONResponse({"error": "internal server error"}, status_code=500)
+
     @app.get("/")
     def page():
         return FileResponse(PAGE, media_type="text/html")
@@ -145,7 +152,7 @@ def create_app(library, max_query_chars: int = MAX_QUERY_CHARS, max_top_k: int =
         vector = vectors.get(text)
         if vector is None:
             with encode_lock:  # one model, one query at a time through it
-                vector = library.query_vector(text)
+                vector = library.query_vector(text, as_text=True)  # q is text, never a server path
             vectors.put(text, vector)
         return vector
 
@@ -230,14 +237,37 @@ def _json_number(x: Any) -> Optional[float]:
 
 def serve(embeddings_dir: str, host: str = "127.0.0.1", port: int = 8000,
           encoder_factory: Optional[Callable[[Any], Any]] = None) -> None:
-    """Open the library of ``embeddings_dir`` and serve it until interrupted."""
+    """Open the library of ``embeddings_dir`` and serve it until interrupted.
+
+    The address is bound before anything is printed: a port in use (or a host that is not
+    this machine's) is a :class:`~modules.cli_support.UsageError`, and uvicorn serves on
+    that very socket (no window for another process to take the port).
+    """
+    import socket
+
     import uvicorn
 
+    from modules.cli_support import UsageError
     from modules.library import VideoLibrary
 
+    if not 1 <= int(port) <= 65535:
+        raise UsageError(f"--port must be between 1 and 65535, got {port}")
     library = VideoLibrary.open(embeddings_dir, encoder_factory=(lambda _fp: encoder_factory(library))
                                 if encoder_factory is not None else None)
     app = create_app(library)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)  # as uvicorn binds
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as err:
+        sock.close()
+        reason = err.strerror or str(err)
+        raise UsageError(f"cannot serve on {host}:{port}: {reason} (choose another --port or --host)") from None
+    sock.set_inheritable(True)
+    config = uvicorn.Config(app, host=host, port=int(port), log_level="warning")
     print(f"Serving {len(library)} videos ({library.num_segments} moments) from {library.root} "
           f"on http://{host}:{port}  (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()

@@ -1,18 +1,22 @@
 """The search page in a real browser: headless Debian Chromium driven by selenium.
 
 Types a query, waits for the result grid, checks that every thumbnail decoded
-(naturalWidth > 0), clicks the first moment and checks that the player starts at the
-moment's start time. Skips, saying why, only when chromium / chromedriver are absent
-(scripts/install_browser.sh installs them). SEARCH_PAGE_SCREENSHOT=path also saves a
+(naturalWidth > 0), clicks a moment (not at 0 s, of another video than the first result's)
+and checks that the player plays that video from the moment's start time as the JSON API
+returns it for the same query. Skips, saying why, only when chromium / chromedriver are
+absent (scripts/install_browser.sh installs them). SEARCH_PAGE_SCREENSHOT=path also saves a
 screenshot there (README_unified.md shows docs/search_page.png made so).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -84,13 +88,21 @@ def test_query_results_thumbnails_and_player_start(server, browser):
         "return [...document.querySelectorAll('#grid img')].every(i => i.complete)"))
     widths = browser.execute_script("return [...document.querySelectorAll('#grid img')].map(i => i.naturalWidth)")
     assert all(w > 0 for w in widths), widths
-    target = next(c for c in cards if float(c.get_attribute("data-start")) > 0)
-    start = float(target.get_attribute("data-start"))
+    # the moments as the JSON API gives them for the same query: the player must start at
+    # the API's start_time (not merely at whatever the page wrote into the card)
+    api = json.loads(urllib.request.urlopen(server + "/api/search?" + urllib.parse.urlencode(
+        {"q": "a counter ticking", "top_k": 12, "moments": "true"}), timeout=60).read())["results"]
+    assert len(api) == len(cards)
+    index, hit = next((i, h) for i, h in enumerate(api) if h["start_time"] > 0 and h["row"] != api[0]["row"])
+    target = cards[index]
+    assert target.find_element(By.CSS_SELECTOR, ".name").text == hit["name"]
     target.click()
     wait.until(lambda d: d.execute_script(
         "const p = document.getElementById('player'); return p.readyState >= 1 && !p.seeking && p.dataset.start !== undefined"))
-    current = browser.execute_script("return document.getElementById('player').currentTime")
-    assert current == pytest.approx(start, abs=0.05)
+    current, src = browser.execute_script(
+        "const p = document.getElementById('player'); return [p.currentTime, p.dataset.src]")
+    assert src == hit["video_url"]
+    assert current == pytest.approx(hit["start_time"], abs=0.05)
     assert "results from 3 videos" in browser.find_element(By.ID, "status").text
     shot = os.environ.get("SEARCH_PAGE_SCREENSHOT")
     if shot:

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.cli_utils import describe, no_traceback, run_script, write_small_config
+from tests.cli_utils import ROOT, describe, no_traceback, run_script, write_small_config
 from tests.library_fixture import CLIPS, build_library
 from tests.video_factory import read_index_rgb
 
@@ -275,3 +275,85 @@ def test_the_server_follows_an_update_made_while_it_serves(tmp_path):
     after = client.get("/api/search", params={"q": "anything", "top_k": 1})
     assert after.status_code == 200, after.text
     assert after.json()["num_videos"] == 8 and after.json()["results"][0]["name"] == "v7"
+
+
+def test_api_query_is_text_even_when_it_names_a_server_file(client, built, tmp_path):
+    """``q`` never reaches the filesystem: the path of a picture on the server is searched
+    as the text it is (no existence oracle), and a garbage .png is no 500."""
+    from modules.search_server import cut_frame, encode_jpeg
+
+    _, library = built
+    picture = tmp_path / "frame.jpg"
+    picture.write_bytes(encode_jpeg(cut_frame(library.table().to_pylist()[0]["video_path"], 1.0)))
+    as_text = library.search_vector(library.encoder().encode_text([str(picture)])[0], 3)
+    as_image = library.search(str(picture), top_k=3)  # the Python API's query by example stays
+    assert [h["score"] for h in as_text] != [h["score"] for h in as_image]
+    same = library.search(str(picture), top_k=3, as_text=True)  # the text encoder varies in the 6th decimal
+    assert [h["row"] for h in same] == [h["row"] for h in as_text]
+    assert [h["score"] for h in same] == pytest.approx([h["score"] for h in as_text], abs=1e-5)
+    response = client.get("/api/search", params={"q": str(picture), "top_k": 3})
+    assert response.status_code == 200, response.text
+    served = response.json()["results"]
+    assert [h["row"] for h in served] == [h["row"] for h in as_text]
+    assert [h["score"] for h in served] == pytest.approx([h["score"] for h in as_text], abs=1e-5)
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"not a picture at all")
+    response = client.get("/api/search", params={"q": str(garbage), "top_k": 3, "moments": "true"})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 3
+
+
+def test_an_unexpected_server_error_answers_json(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from modules.library import VideoLibrary
+    from modules.search_server import create_app
+
+    fp = {"clip_weights": "random", "checkpoint": None, "config": {"max_frames": 4}}
+    emb = np.eye(4, 16, dtype=np.float32)
+
+    class Broken:
+        def encode_text(self, texts):
+            raise RuntimeError("the encoder fell over")
+
+    root = tmp_path / "lib"
+    VideoLibrary.create(root, fp, 16).add([{"name": f"v{i}", "video_path": f"/v/{i}.mp4"} for i in range(4)], emb,
+                                          fingerprint=fp)
+    client = TestClient(create_app(VideoLibrary.open(root, encoder_factory=lambda _fp: Broken())),
+                        raise_server_exceptions=False)
+    response = client.get("/api/search", params={"q": "a dog"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/json"
+    assert response.json() == {"error": "internal server error"}  # no traceback or message leaks out
+
+
+def test_cli_serve_refuses_a_bad_or_busy_port(built):
+    """--port outside 1-65535 is an argument error; a port already in use is a one-line
+    error before "Serving ..." is printed (both exit 2, no traceback)."""
+    import socket
+
+    out, _ = built
+    for port in ("99999", "0", "65536"):
+        bad = run_script("inference.py", ["--embeddings_dir", out, "--serve", "--port", port], timeout=120)
+        assert bad.returncode == 2 and "--port" in bad.stderr and "65535" in bad.stderr, describe(bad)
+        no_traceback(bad)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        taken = run_script("inference.py", ["--embeddings_dir", out, "--serve", "--port", port], timeout=120)
+    assert taken.returncode == 2, describe(taken)
+    assert "Serving" not in taken.stdout and str(port) in taken.stderr, describe(taken)
+    assert len(taken.stderr.strip().splitlines()) == 1, describe(taken)
+    no_traceback(taken)
+
+
+def test_readme_library_api_block_runs_as_written(built, monkeypatch):
+    """README_unified.md's "Python API" block of the library runs with the project's
+    dependencies (pyarrow, no pandas), against the small library."""
+    from modules.library import VideoLibrary
+
+    text = (ROOT / "README_unified.md").read_text()
+    block = re.search(r"\*\*Python API\*\*:\s*```python\n(.*?)```", text, re.S).group(1)
+    _, library = built
+    monkeypatch.setattr(VideoLibrary, "open", staticmethod(lambda *_a, **_k: library))
+    exec(compile(block, "README_unified.md", "exec"), {"vector": library.embeddings()[0]})

@@ -676,7 +676,10 @@ def load_model_spec(
         if config_path is not None:
             config = from_json(config_path)
         elif payload is not None:
-            config = from_dict(payload["config"])
+            try:
+                config = from_dict(payload["config"])
+            except ConfigError as err:  # the checkpoint's own config: say which file holds it
+                raise err.in_file(os.fspath(checkpoint)) from None
             if checkpoint_clip is None:  # a file named inside a checkpoint is opened only on the user's word
                 clip_weights = checkpoint_clip_weights(config.clip_weights, os.fspath(checkpoint), clip_weights)
         else:

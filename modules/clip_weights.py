@@ -50,7 +50,6 @@ __all__ = [
     "OPENAI_MAX_BYTES",
     "load_clip_weights",
     "load_clip_state_dict",
-    "load_or_random",
     "resolve_clip_weights",
     "choose_activation",
     "checkpoint_clip_weights",
@@ -458,15 +457,4 @@ def resolve_clip_weights(
         logger.warning("random CLIP weights: embeddings are not semantic (offline smoke/test mode)")
         return ClipWeights(random_state_dict(base_name, seed=seed), None, f"random {base_name} weights", untrained=True)
     return load_clip_weights(base_name if setting is None else setting, cache_dir=cache_dir, download=download)
-
-
-def load_or_random(
-    name_or_path: Optional[str],
-    base_name: str = "ViT-B/32",
-    cache_dir: Optional[str] = None,
-    download: bool = True,
-    seed: int = 0,
-) -> Dict[str, Tensor]:
-    """The state dict of :func:`resolve_clip_weights`."""
-    return resolve_clip_weights(name_or_path, base_name, cache_dir, download, seed).state_dict
 

@@ -241,6 +241,13 @@ def test_checkpoint_round_trip(tmp_path, clip_state, default_model):
     _config(num_segments=32, stop={"sim_header": "seqTransf"}).to_json(other)
     with pytest.raises(ConfigError, match="stop"):
         create_unified_model(config_path=other, checkpoint=path, device="cpu")
+    # a checkpoint whose own config is bad: the message names the checkpoint (it did not)
+    payload = torch.load(path, weights_only=True)
+    payload["config"]["max_frames"] = "many"
+    broken = tmp_path / "broken_config.pth"
+    torch.save(payload, broken)
+    with pytest.raises(ConfigError, match=r"max_frames: .*\(in .*broken_config\.pth\)"):
+        create_unified_model(checkpoint=broken, device="cpu", clip_weights="random")
 
 
 def test_video_size_must_match_weights(clip_state):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from modules import clip_weights as module_clip
-from modules.clip_weights import WeightsError, load_clip_state_dict, load_or_random
+from modules.clip_weights import WeightsError, load_clip_state_dict, resolve_clip_weights
 from modules.module_clip import CLIP, build_model
 
 TINY = dict(
@@ -267,7 +267,7 @@ def test_env_weights_override(monkeypatch, tiny_file, tiny_state_dict, tmp_path)
     monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", str(tiny_file))
     monkeypatch.setenv("UNIFIED_CLIP_URL_BASE", _dead_url())  # proves no download happens
     assert _same(load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path)), tiny_state_dict)
-    assert _same(load_or_random(None), tiny_state_dict)
+    assert _same(resolve_clip_weights(None).state_dict, tiny_state_dict)
     assert os.listdir(tmp_path) == []
     monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", str(tmp_path / "missing.pt"))
     with pytest.raises(WeightsError, match="weights file not found: .*UNIFIED_CLIP_WEIGHTS"):
@@ -282,19 +282,19 @@ def test_env_weights_random_means_random_weights(monkeypatch, caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
         sd = load_clip_state_dict("ViT-B/32", cache_dir=str(tmp_path))
     assert "UNIFIED_CLIP_WEIGHTS=random" in caplog.text
-    assert _same(sd, load_or_random("random"))  # the same random weights (same seed)
-    assert load_or_random(None)["visual.conv1.weight"].shape == (768, 3, 32, 32)
+    assert _same(sd, resolve_clip_weights("random").state_dict)  # the same random weights (same seed)
+    assert resolve_clip_weights(None).state_dict["visual.conv1.weight"].shape == (768, 3, 32, 32)
     assert os.listdir(tmp_path) == []
 
 
-def test_load_or_random(caplog, tiny_file, tiny_state_dict):
+def test_resolve_clip_weights_random_and_files(caplog, tiny_file, tiny_state_dict):
     with caplog.at_level(logging.WARNING, logger="modules.clip_weights"):
-        sd = load_or_random("random")
+        sd = resolve_clip_weights("random").state_dict
     assert "random CLIP weights: embeddings are not semantic" in caplog.text
     assert sd["visual.conv1.weight"].shape == (768, 3, 32, 32)
     assert sd["token_embedding.weight"].shape == (49408, 512)
     assert len(sd) == 302
-    assert _same(load_or_random(str(tiny_file)), tiny_state_dict)
+    assert _same(resolve_clip_weights(str(tiny_file)).state_dict, tiny_state_dict)
 
 
 # ----------------------------------------------------------------------------- TorchScript as data
@@ -340,7 +340,7 @@ def test_torchscript_code_never_runs(tmp_path, monkeypatch):
     assert "__setstate__" in str(info.value) and str(archive) in str(info.value) and "\n" not in str(info.value)
     monkeypatch.setenv("UNIFIED_CLIP_WEIGHTS", str(archive))  # the same file behind an official name
     with pytest.raises(WeightsError):
-        load_or_random(None)
+        resolve_clip_weights(None).state_dict
     assert not marker.exists()
 
 

@@ -398,6 +398,8 @@ class UnifiedTempMeSTOPModel(nn.Module):
             for name, tensor in state.items():
                 if own[name].shape != tensor.shape:
                     raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, model expects {tuple(own[name].shape)}")
+                if not tensor.is_floating_point():  # copy_ would cast integers silently
+                    raise CheckpointError(f"{source}: {name} holds {tensor.dtype} values, not floating point")
                 own[name].copy_(tensor)
         self._checkpoint_digest = tensors_digest(state)
 

@@ -248,6 +248,14 @@ def test_checkpoint_round_trip(tmp_path, clip_state, default_model):
     torch.save(payload, broken)
     with pytest.raises(ConfigError, match=r"max_frames: .*\(in .*broken_config\.pth\)"):
         create_unified_model(checkpoint=broken, device="cpu", clip_weights="random")
+    # integer trainable tensors: refused, not cast silently (they were)
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["trainable"]))
+    payload["trainable"][name] = payload["trainable"][name].long()
+    ints = tmp_path / "int_tensors.pth"
+    torch.save(payload, ints)
+    with pytest.raises(CheckpointError, match=f"{name} holds torch.int64 values, not floating point"):
+        create_unified_model(checkpoint=ints, device="cpu", clip_weights="random")
 
 
 def test_video_size_must_match_weights(clip_state):

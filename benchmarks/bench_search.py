@@ -251,7 +251,7 @@ def load_test(folder: Path, clients: int, seconds: float, max_requests: int, fla
             except OSError:
                 time.sleep(0.2)
         texts = [f"{QUERY} number {i}" for i in range(clients)]
-        for t in texts:  # warm-up: the server loads its query encoder; every request below encodes its text again
+        for t in texts:  # warm-up: each client's text is encoded once; the server's query cache serves the rest
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
             conn.request("GET", "/api/search?" + urllib.parse.urlencode({"q": t, "top_k": 10}))
             conn.getresponse().read()

@@ -44,7 +44,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
@@ -169,30 +169,50 @@ def first_query(folder: Path, extra: List[str]) -> float:
 
 
 def cold_cli(folder: Path, runs: int, extra: List[str], flags: List[str], rss: Optional[List[int]] = None) -> float:
-    """Median wall time of ``runs`` fresh CLI searches; their peak RSS bytes go to ``rss``."""
+    """Median wall time of ``runs`` fresh CLI searches (:func:`cold_cli_runs`)."""
+    return statistics.median(cold_cli_runs(folder, runs, extra, flags, rss))
+
+
+# inference.py as a script, then its peak RSS (VmHWM of its own memory) as stderr's last line.
+# Not the rusage of the child: Linux counts the parent's resident memory at fork into a
+# child's ru_maxrss, and this benchmark's process holds a model (a 310 MB search read 2.5 GB).
+_CLI_WITH_PEAK = (
+    "import runpy, sys\n"
+    "sys.argv = sys.argv[1:]\n"
+    "sys.path.insert(0, %r)\n"
+    "try:\n"
+    "    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "finally:\n"
+    "    print('VmHWM', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0],\n"
+    "          file=sys.stderr)\n"
+) % str(_ROOT)
+
+
+def cold_cli_runs(folder: Path, runs: int, extra: List[str], flags: List[str],
+                  rss: Optional[List[int]] = None) -> List[float]:
+    """Wall times of ``runs`` fresh CLI searches; their peak RSS bytes go to ``rss``."""
     times = []
     for _ in range(runs):
         start = time.perf_counter()
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen([sys.executable, str(_ROOT / "inference.py"), "--embeddings_dir", str(folder),
-                                     "--query", QUERY, *flags, "--top_k", "10", "-q", *extra],
-                                    stdout=subprocess.DEVNULL, stderr=err)
-            _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage: its peak RSS
-            times.append(time.perf_counter() - start)
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            if proc.returncode != 0:
-                err.seek(0)
-                raise RuntimeError(f"CLI failed: {err.read()[-500:].decode(errors='replace')}")
+        proc = subprocess.run([sys.executable, "-c", _CLI_WITH_PEAK, str(_ROOT / "inference.py"), "--embeddings_dir",
+                               str(folder), "--query", QUERY, *flags, "--top_k", "10", "-q", *extra],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        times.append(time.perf_counter() - start)
+        if proc.returncode != 0:
+            raise RuntimeError(f"CLI failed: {proc.stderr[-500:]}")
         if rss is not None:
-            rss.append(usage.ru_maxrss * 1024)
-    return statistics.median(times)
+            rss.append(int(proc.stderr.strip().splitlines()[-1].split()[1]) * 1024)
+    return times
 
 
-def cli_times(root: Path, runs: int, extra: List[str], flags: List[str]) -> Dict[str, float]:
+def cli_times(root: Path, runs: int, extra: List[str], flags: List[str]) -> Dict[str, Any]:
+    """The first query (no tower yet), then ``runs`` cold searches without and with model flags."""
     first = first_query(root, extra)
     rss: List[int] = []
-    return {"first_cli": first, "cli": cold_cli(root, runs, extra, [], rss), "cli_rss": max(rss),
-            "cli_flags": cold_cli(root, runs, extra, flags)}
+    plain = cold_cli_runs(root, runs, extra, [], rss)
+    flagged = cold_cli_runs(root, runs, extra, flags)
+    return {"first_cli": first, "cli": statistics.median(plain), "cli_runs": plain, "cli_rss": max(rss),
+            "cli_flags": statistics.median(flagged), "cli_flags_runs": flagged}
 
 
 def warm(library, kind: str, queries: np.ndarray, texts: List[str]) -> Dict[str, float]:
@@ -450,14 +470,10 @@ def only_cli(work: Path, args: argparse.Namespace, flags: List[str]) -> int:
         root = work / f"{kind}_{n}"
         if not (root / "library" / "manifest.json").is_file():
             continue
-        extra = ["--moments"] if kind == "segments" else []
-        first = first_query(root, extra)
-        rss: List[int] = []
-        times = [cold_cli(root, 1, extra, [], rss) for _ in range(args.cli_runs)]
-        flagged = [cold_cli(root, 1, extra, flags) for _ in range(args.cli_runs)]
-        print(f"| {kind} | {n:,} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} | "
-              f"{max(rss) / 2**20:.0f} | "
-              f"{first:.2f} | {statistics.median(flagged):.2f} | {', '.join(f'{t:.2f}' for t in flagged)} |", flush=True)
+        r = cli_times(root, args.cli_runs, ["--moments"] if kind == "segments" else [], flags)
+        print(f"| {kind} | {n:,} | {r['cli']:.2f} | {', '.join(f'{t:.2f}' for t in r['cli_runs'])} | "
+              f"{r['cli_rss'] / 2**20:.0f} | {r['first_cli']:.2f} | {r['cli_flags']:.2f} | "
+              f"{', '.join(f'{t:.2f}' for t in r['cli_flags_runs'])} |", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

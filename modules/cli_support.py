@@ -22,6 +22,7 @@ from modules.errors import error_line, printable
 
 __all__ = ["DEFAULT_EXTENSIONS", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_INTERRUPTED", "UsageError", "run_cli",
            "check_config_file", "check_dir", "check_file", "check_output_file", "HelpFormatter", "device_arg", "int_at_least",
+           "int_between",
            "add_model_arguments", "add_logging_arguments", "setup_logging"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -153,31 +154,23 @@ def device_arg(value: str) -> str:
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
     """argparse type for integers >= ``minimum``."""
+    return int_between(minimum, None)
+
+
+def int_between(minimum: int, maximum: Optional[int]) -> Callable[[str], int]:
+    """argparse type for integers in ``minimum..maximum`` (None: no upper bound)."""
     def parse(value: str) -> int:
         try:
             number = int(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if number < minimum:
+        if maximum is None and number < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {number}")
-        return number
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
-
-
-def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
-    """argparse type for integers in ``minimum..maximum``."""
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
-        if not minimum <= number <= maximum:
+        if maximum is not None and not minimum <= number <= maximum:
             raise argparse.ArgumentTypeError(f"must be between {minimum} and {maximum}, got {number}")
         return number
 
-    parse.__name__ = f"integer {minimum}-{maximum}"
+    parse.__name__ = f"integer >= {minimum}" if maximum is None else f"integer {minimum}-{maximum}"
     return parse
 
 

@@ -242,6 +242,17 @@ def test_extract_train_and_search_with_the_weights(source, workspace, capsys):
     assert max(moved.values()) > 1e-6, moved
 
 
+def _three_scripts(workspace: Path, folder: Path, config: Path) -> Dict[str, List]:
+    """Each script's arguments for one run on the workspace's video with ``config`` (no weights flag)."""
+    video = workspace / "videos" / "clip.mp4"
+    return {
+        "extract_video_embeddings": ["--video_dir", video.parent, "--output_dir", folder / "out", "--config_path", config,
+                                     "--num_workers", "0"],
+        "inference": ["--video_path", video, "--query", QUERY, "--config_path", config],
+        "train_unified_model": ["--config", config],
+    }
+
+
 def test_truncated_weights_file_exits_2_naming_it(workspace, capsys):
     """A weights file cut short: every script answers exit 2 and one line naming the file."""
     folder = workspace / "truncated"
@@ -250,14 +261,7 @@ def test_truncated_weights_file_exits_2_naming_it(workspace, capsys):
     bad = folder / "cut.pth"
     bad.write_bytes(whole[: len(whole) // 2])
     config = _tiny_config(workspace, "truncated", None)
-    video = workspace / "videos" / "clip.mp4"
-    runs = {
-        "extract_video_embeddings": ["--video_dir", video.parent, "--output_dir", folder / "out", "--config_path", config,
-                                     "--num_workers", "0"],
-        "inference": ["--video_path", video, "--query", QUERY, "--config_path", config],
-        "train_unified_model": ["--config", config],
-    }
-    for script, argv in runs.items():
+    for script, argv in _three_scripts(workspace, folder, config).items():
         code, stdout, stderr = _run(script, [*argv, "--clip_weights", bad, "--device", "cpu"], capsys)
         assert code == 2, (script, stdout, stderr)
         assert stderr.startswith("error: ") and stderr.count("\n") == 1 and str(bad) in stderr, (script, stderr)
@@ -323,14 +327,7 @@ def test_a_folder_without_config_json_exits_2_naming_it(workspace, capsys):
     (folder / "weights").mkdir(parents=True)
     (folder / "weights" / "model.safetensors").write_bytes(b"\0" * 64)
     config = _tiny_config(workspace, "no_config", None)
-    video = workspace / "videos" / "clip.mp4"
-    runs = {
-        "extract_video_embeddings": ["--video_dir", video.parent, "--output_dir", folder / "out", "--config_path", config,
-                                     "--num_workers", "0"],
-        "inference": ["--video_path", video, "--query", QUERY, "--config_path", config],
-        "train_unified_model": ["--config", config],
-    }
-    for script, argv in runs.items():
+    for script, argv in _three_scripts(workspace, folder, config).items():
         code, stdout, stderr = _run(script, [*argv, "--clip_weights", folder / "weights", "--device", "cpu"], capsys)
         assert code == 2, (script, stdout, stderr)
         assert stderr.count("\n") == 1 and "has no config.json" in stderr and str(folder / "weights") in stderr, (script, stderr)

@@ -208,9 +208,8 @@ def save_text_tower(tower: TextTower, path: PathLike) -> None:
 
     from modules.atomic_io import atomic_write, cleanup_stale_temp_files
 
-    cleanup_stale_temp_files(os.path.dirname(os.fspath(path)) or ".", final_suffixes=(".safetensors",),
-                             folders=[os.path.dirname(os.fspath(path)) or "."])
-
+    folder = os.path.dirname(os.fspath(path)) or "."
+    cleanup_stale_temp_files(folder, final_suffixes=(".safetensors",), folders=[folder])
     header = {"format": FORMAT, "version": str(VERSION), "fingerprint_id": tower.fingerprint_id,
               "activation": tower.activation, "sizes": json.dumps(tower.sizes, sort_keys=True)}
     data = save(tower.arrays, metadata=header)
